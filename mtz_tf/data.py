@@ -71,9 +71,7 @@ def load_idx(data_dir: str, split: str = "train") -> tuple[np.ndarray, np.ndarra
     paths = [_find_idx(data_dir, stem) for stem in _IDX_FILES[split]]
     if None in paths:
         missing = [s for s, p in zip(_IDX_FILES[split], paths) if p is None]
-        raise FileNotFoundError(
-            f"No IDX files {missing} (optionally .gz) in {data_dir!r}."
-        )
+        raise FileNotFoundError(f"No IDX files {missing} (optionally .gz) in {data_dir!r}.")
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(
@@ -175,9 +173,7 @@ def train_validation_split(
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Splits off a seeded random validation set (for model selection; never the test set)."""
     if not 0 < validation_size < len(x):
-        raise ValueError(
-            f"`validation_size` must be in (0, {len(x)}). Received: {validation_size}"
-        )
+        raise ValueError(f"`validation_size` must be in (0, {len(x)}). Received: {validation_size}")
     order = np.random.default_rng(seed).permutation(len(x))
     val, train = order[:validation_size], order[validation_size:]
     return (x[train], y[train]), (x[val], y[val])
