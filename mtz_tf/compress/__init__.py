@@ -1,0 +1,1 @@
+"""Within-model compressors: Neuron Merging and ISTA channel pruning."""
