@@ -1,5 +1,28 @@
-"""mtz_tf: Multi-Task Zipping and within-model compression for Keras models."""
+"""mtz_tf: Multi-Task Zipping and within-model compression for Keras models.
 
-from mtz_tf import data, graph, models
+The public API: :func:`zip_models` with :class:`Retrain`, the :class:`ZippedDense` layer,
+and the modules ``data``, ``models``, ``hessian``, ``cost``, ``matching``, ``graph``.
+"""
+
+from mtz_tf import cost, data, graph, hessian, matching, models, training
+from mtz_tf.layers import ZippedDense
+from mtz_tf.report import LayerReport, ZipReport
+from mtz_tf.retrain import Retrain
+from mtz_tf.zipper import zip_models
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "LayerReport",
+    "Retrain",
+    "ZipReport",
+    "ZippedDense",
+    "cost",
+    "data",
+    "graph",
+    "hessian",
+    "matching",
+    "models",
+    "training",
+    "zip_models",
+]

@@ -1,0 +1,166 @@
+"""Merge costs and optimally merged weights (closed forms of Multi-Task Zipping).
+
+Symbols (DESIGN.md, "The mathematics"). A layer's input for task t, augmented with a
+constant 1 when the bias is merged, is x (d,); H_t = E[x xᵀ] (d, d) is the layer-input
+Hessian of task t. A neuron is its incoming weight vector w (d,); a weight matrix holds one
+neuron per column, shape (d, n), optionally with leading "position" axes (P..., d, n) whose
+costs add up (a convolution kernel in "channel" mode: one (d, n) slice per kernel position,
+all sharing the same H).
+
+Tying neuron i of task A to neuron j of task B to one vector w̃ costs, at the optimum
+
+    w̃     = (H_A + H_B)⁻¹ (H_A a_i + H_B b_j)
+    ΔE_ij = ½ dᵀ H_A (H_A + H_B)⁻¹ H_B d,   d = a_i − b_j,
+
+which equals the paper's ½ dᵀ (H_A⁻¹ + H_B⁻¹)⁻¹ d without inverting a singular H_t. With
+S = H_A + H_B = L Lᵀ (Cholesky), M = H_A S⁻¹ H_B is symmetric and equals H_A − H_A S⁻¹ H_A
+= H_B − H_B S⁻¹ H_B, so for all pairs at once
+
+    C = ½ (diag(AᵀMA) 1ᵀ + 1 diag(BᵀMB)ᵀ − 2 UᵀV),  U = L⁻¹ H_A A,  V = L⁻¹ H_B B,
+    diag(AᵀMA) = colsum(A ⊙ H_A A) − colsum(U ⊙ U),   likewise for B,
+
+which costs one Cholesky (d³/3), two products with H (2d²n each), two triangular solves
+(d²n each) and one cross product (2dn²). A T-way tie is w̃ = (Σ H_t)⁻¹ Σ H_t w_t with cost
+½ Σ_t (w_t − w̃)ᵀ H_t (w_t − w̃).
+
+Damping: every H_t is replaced by H_t + δ I with δ = ``damping`` · mean_t(mean(diag H_t))
+(δ = ``damping`` when all Hessians are zero). The results are then the exact optimum for the
+damped Hessians: finite for singular H_t, and along input directions no task ever excites
+(dead inputs) the merged weight is the plain average of the tied weights.
+
+All computation is float64 TensorFlow (runs on a GPU when present); inputs may be NumPy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+DEFAULT_DAMPING = 1e-6
+"""Relative damping δ / mean(diag H); small enough not to move well-conditioned results."""
+
+
+def _as_f64(x) -> tf.Tensor:
+    return tf.convert_to_tensor(x, dtype=tf.float64)
+
+
+def damp_hessians(hessians: Sequence, damping: float = DEFAULT_DAMPING) -> list[tf.Tensor]:
+    """Returns [H_t + δ I] with δ = damping · mean_t(mean(diag H_t)) (or damping if that is 0)."""
+    if damping < 0:
+        raise ValueError(f"`damping` must be non-negative. Received: damping={damping}")
+    hessians = [_as_f64(h) for h in hessians]
+    scale = tf.reduce_mean(tf.stack([tf.reduce_mean(tf.linalg.diag_part(h)) for h in hessians]))
+    delta = damping * tf.where(scale > 0, scale, tf.ones_like(scale))
+    eye = tf.eye(tf.shape(hessians[0])[0], dtype=tf.float64)
+    return [h + delta * eye for h in hessians]
+
+
+def _check_shapes(weights: Sequence[tf.Tensor], hessians: Sequence[tf.Tensor]) -> None:
+    d = hessians[0].shape[-1]
+    for i, h in enumerate(hessians):
+        if h.shape.rank != 2 or h.shape[0] != h.shape[1] or h.shape[0] != d:
+            raise ValueError(
+                f"Hessian {i} must be square (d, d) with d={d}. Received shape {h.shape}."
+            )
+    for i, w in enumerate(weights):
+        if w.shape.rank < 2 or w.shape[-2] != d:
+            raise ValueError(
+                f"Weight matrix {i} must have shape (..., d, n) with d={d} matching the "
+                f"Hessians. Received shape {w.shape}."
+            )
+        if w.shape[:-1] != weights[0].shape[:-1]:
+            raise ValueError(
+                f"Weight matrices must agree on all but their last axis. Received "
+                f"{weights[0].shape} and {w.shape}."
+            )
+
+
+def _columns(w: tf.Tensor) -> tf.Tensor:
+    """(P..., d, n) -> (d, P·n): positions side by side, so one solve handles them all."""
+    d, n = w.shape[-2], w.shape[-1]
+    w = tf.reshape(w, [-1, d, n])  # (P, d, n)
+    return tf.reshape(tf.transpose(w, [1, 0, 2]), [d, -1])  # (d, P·n)
+
+
+def merge_costs(w_a, w_b, h_a, h_b, damping: float = DEFAULT_DAMPING) -> tf.Tensor:
+    """Merge cost ΔE_ij of tying neuron i of task A to neuron j of task B, for all pairs.
+
+    Args:
+        w_a: (P..., d, n_a) weights of task A, one neuron per column (bias as last row when
+            merged); leading position axes, if any, have their costs summed.
+        w_b: (P..., d, n_b) weights of task B, same leading axes and d.
+        h_a: (d, d) layer-input Hessian of task A.
+        h_b: (d, d) layer-input Hessian of task B.
+        damping: float, relative damping (module docstring).
+
+    Returns:
+        float64 tensor (n_a, n_b) of costs ½ dᵀ H_A (H_A + H_B)⁻¹ H_B d, clipped at 0
+        (round-off can push exact zeros slightly negative).
+    """
+    w_a, w_b = _as_f64(w_a), _as_f64(w_b)
+    h_a, h_b = damp_hessians([h_a, h_b], damping)
+    _check_shapes([w_a, w_b], [h_a, h_b])
+    n_a, n_b = w_a.shape[-1], w_b.shape[-1]
+    a, b = _columns(w_a), _columns(w_b)  # (d, P·n_a), (d, P·n_b)
+    ha_a, hb_b = h_a @ a, h_b @ b
+    chol = tf.linalg.cholesky(h_a + h_b)
+    u = tf.linalg.triangular_solve(chol, ha_a, lower=True)  # L⁻¹ H_A A
+    v = tf.linalg.triangular_solve(chol, hb_b, lower=True)  # L⁻¹ H_B B
+
+    def per_neuron(x: tf.Tensor, n: int) -> tf.Tensor:
+        # Sum over d and positions of a (d, P·n) tensor -> (n,).
+        return tf.reduce_sum(tf.reshape(x, [x.shape[0], -1, n]), axis=[0, 1])
+
+    diag_a = per_neuron(a * ha_a - u * u, n_a)  # diag(AᵀMA)
+    diag_b = per_neuron(b * hb_b - v * v, n_b)  # diag(BᵀMB)
+    d = a.shape[0]
+    u3 = tf.reshape(u, [d, -1, n_a])  # (d, P, n_a)
+    v3 = tf.reshape(v, [d, -1, n_b])  # (d, P, n_b)
+    cross = tf.einsum("dpi,dpj->ij", u3, v3)  # AᵀMB summed over positions
+    cost = 0.5 * (diag_a[:, None] + diag_b[None, :] - 2.0 * cross)
+    return tf.maximum(cost, 0.0)
+
+
+def merged_weights(
+    weights: Sequence, hessians: Sequence, damping: float = DEFAULT_DAMPING
+) -> tf.Tensor:
+    """T-way Hessian-weighted merge w̃ = (Σ H_t)⁻¹ Σ H_t w_t of T aligned weight matrices.
+
+    Args:
+        weights: T arrays (P..., d, n); column j of every array is tied together.
+        hessians: T arrays (d, d).
+        damping: float, relative damping (module docstring).
+
+    Returns:
+        float64 tensor (P..., d, n) of merged weights.
+    """
+    if len(weights) != len(hessians) or not weights:
+        raise ValueError(
+            f"Need as many weight matrices as Hessians, at least one. Received "
+            f"{len(weights)} and {len(hessians)}."
+        )
+    weights = [_as_f64(w) for w in weights]
+    hessians = damp_hessians(hessians, damping)
+    _check_shapes(weights, hessians)
+    shape = tf.shape(weights[0])
+    rhs = tf.add_n([h @ _columns(w) for h, w in zip(hessians, weights)])  # (d, P·n)
+    solved = tf.linalg.cholesky_solve(tf.linalg.cholesky(tf.add_n(hessians)), rhs)
+    d, n = weights[0].shape[-2], weights[0].shape[-1]
+    solved = tf.transpose(tf.reshape(solved, [d, -1, n]), [1, 0, 2])  # (P, d, n)
+    return tf.reshape(solved, shape)
+
+
+def tie_costs(weights: Sequence, hessians: Sequence, damping: float = DEFAULT_DAMPING) -> tf.Tensor:
+    """Per-neuron cost ½ Σ_t (w_t − w̃)ᵀ H_t (w_t − w̃) of a T-way tie at its optimum w̃.
+
+    Args and damping as :func:`merged_weights`. Returns float64 (n,), summed over positions.
+    """
+    merged = _columns(merged_weights(weights, hessians, damping))
+    hessians = damp_hessians(hessians, damping)
+    n = _as_f64(weights[0]).shape[-1]
+    total = 0.0
+    for w, h in zip(weights, hessians):
+        delta = _columns(_as_f64(w)) - merged
+        total += tf.reduce_sum(tf.reshape(delta * (h @ delta), [delta.shape[0], -1, n]), [0, 1])
+    return 0.5 * total

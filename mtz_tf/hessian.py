@@ -1,0 +1,75 @@
+"""Streaming layer-input Hessians from calibration batches.
+
+For a layer whose input for one sample is x (d,), the layer-wise error of changing a
+neuron's incoming weights w by δ is ½ δᵀ H δ with
+
+    H = (1/N) Σ_n x̃_n x̃_nᵀ,   x̃ = [x; 1] when the bias is merged, else x,
+
+over the N calibration samples (the same H for every neuron of the layer). Batches are
+reduced to their (d, d) sum of outer products as they stream by, in float64, so memory is
+O(d²) whatever N is. Accumulation runs under ``tf.distribute.get_strategy()``: under a
+``MirroredStrategy`` each replica reduces its share of every batch and the sums are added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tensorflow as tf
+
+
+def augment(x: tf.Tensor) -> tf.Tensor:
+    """Appends a constant-1 column: (n, d) -> (n, d + 1)."""
+    return tf.concat([x, tf.ones_like(x[:, :1])], axis=1)
+
+
+def outer_sum(x: tf.Tensor, append_bias: bool) -> tuple[tf.Tensor, tf.Tensor]:
+    """Σ_n x̃_n x̃_nᵀ (float64, (d, d) or (d+1, d+1)) and the row count n of a batch (n, d)."""
+    x = tf.cast(tf.reshape(x, [tf.shape(x)[0], -1]), tf.float64)  # (n, d)
+    if append_bias:
+        x = augment(x)
+    return tf.matmul(x, x, transpose_a=True), tf.cast(tf.shape(x)[0], tf.float64)
+
+
+def input_hessian(
+    features: Callable[[tf.Tensor], tf.Tensor],
+    dataset: tf.data.Dataset,
+    append_bias: bool = True,
+    description: str = "calibration data",
+) -> tuple[tf.Tensor, int]:
+    """Layer-input Hessian H = (1/N) Σ x̃ x̃ᵀ over a dataset, streamed batch by batch.
+
+    Args:
+        features: callable mapping a batch of model inputs to the layer inputs (n, d) (or any
+            shape (n, ...), flattened per sample). Called inside a ``tf.function``.
+        dataset: batched ``tf.data.Dataset`` of model inputs (no labels).
+        append_bias: bool, whether x is augmented with a constant 1.
+        description: str, names the data in error messages (e.g. ``"task 'a'"``).
+
+    Returns:
+        ``(H, N)``: the float64 (d, d) Hessian and the number of samples.
+
+    Raises:
+        ValueError: if the dataset is empty.
+    """
+    strategy = tf.distribute.get_strategy()
+
+    def replica_step(batch):
+        return outer_sum(features(batch), append_bias)
+
+    @tf.function
+    def step(batch):
+        total, count = strategy.run(replica_step, args=(batch,))
+        reduce = tf.distribute.ReduceOp.SUM
+        return strategy.reduce(reduce, total, axis=None), strategy.reduce(reduce, count, axis=None)
+
+    total, count = None, 0.0
+    for batch in strategy.experimental_distribute_dataset(dataset):
+        batch_total, batch_count = step(batch)
+        total = batch_total if total is None else total + batch_total
+        count += float(batch_count)
+    if total is None or count == 0:
+        raise ValueError(
+            f"The {description} is empty: a Hessian needs at least one calibration sample."
+        )
+    return total / count, int(count)

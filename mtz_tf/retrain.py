@@ -1,0 +1,121 @@
+"""Joint multi-task light retraining of a zipped model, and per-task evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+@dataclasses.dataclass
+class Retrain:
+    """Settings for the light joint retraining after each zipped layer.
+
+    Every step draws one batch from each task's training data and takes one optimizer step
+    on the sum of the task losses (the paper's joint retraining), over all weights of the
+    zipped model. Each layer's retraining uses a fresh copy of ``optimizer`` and continues
+    through each dataset where the previous layer stopped, so an interrupted zip resumes
+    exactly.
+
+    Attributes:
+        train: {task: tf.data.Dataset of (x, y) batches} (repeated as needed).
+        steps_per_layer: int, or a sequence with one count per hidden layer.
+        optimizer: a Keras optimizer (instance, name or config). Default SGD, lr 0.01.
+        loss: a Keras loss for every task. Default: sparse categorical cross-entropy on
+            logits (``from_logits=False`` when the output activation is softmax).
+        callbacks: Keras callbacks passed to every retraining ``fit``.
+        verbose: int, Keras progress-bar verbosity of each retraining.
+    """
+
+    train: Mapping[str, tf.data.Dataset]
+    steps_per_layer: int | Sequence[int] = 200
+    optimizer: object = None
+    loss: object = None
+    callbacks: Sequence[keras.callbacks.Callback] = ()
+    verbose: int = 1
+
+    def steps_for(self, layer_index: int, num_layers: int) -> int:
+        """Retraining steps after hidden layer ``layer_index`` (of ``num_layers``)."""
+        steps = self.steps_per_layer
+        if isinstance(steps, (int, np.integer)):
+            counts = [int(steps)] * num_layers
+        else:
+            counts = [int(s) for s in steps]
+            if len(counts) != num_layers:
+                raise ValueError(
+                    f"`steps_per_layer` needs one count per hidden layer ({num_layers}). "
+                    f"Received {counts}."
+                )
+        if any(c < 0 for c in counts):
+            raise ValueError(f"`steps_per_layer` must be non-negative. Received {counts}.")
+        return counts[layer_index]
+
+    def new_optimizer(self) -> keras.optimizers.Optimizer:
+        """A fresh optimizer built from ``optimizer`` (never the user's instance itself)."""
+        if self.optimizer is None:
+            return keras.optimizers.SGD(learning_rate=0.01)
+        if isinstance(self.optimizer, keras.optimizers.Optimizer):
+            return self.optimizer.__class__.from_config(self.optimizer.get_config())
+        return keras.optimizers.get(self.optimizer)
+
+
+def _default_loss(model: keras.Model, task: str) -> keras.losses.Loss:
+    head = model.output[task]._keras_history.operation
+    from_logits = getattr(head, "activation_name", "linear") != "softmax"
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+
+
+def retrain_jointly(
+    model: keras.Model,
+    retrain: Retrain,
+    steps: int,
+    start_step: int,
+) -> None:
+    """Trains ``model`` in place for ``steps`` joint steps, starting at batch ``start_step``.
+
+    A training model with one input per task feeds task t's batch through the zipped model
+    and keeps output t; Keras sums the per-task losses. Runs under
+    ``tf.distribute.get_strategy()`` (the model must have been built under it).
+    """
+    if steps == 0:
+        return
+    tasks = list(model.output)
+    missing = sorted(set(tasks) - set(retrain.train))
+    if missing:
+        raise ValueError(f"`Retrain.train` has no dataset for task(s) {missing}.")
+    with tf.distribute.get_strategy().scope():
+        inputs = {t: keras.Input(shape=model.input.shape[1:], name=t) for t in tasks}
+        outputs = {t: model(inputs[t])[t] for t in tasks}
+        trainer = keras.Model(inputs, outputs, name=f"{model.name}_joint_trainer")
+        losses = {t: retrain.loss or _default_loss(model, t) for t in tasks}
+        trainer.compile(optimizer=retrain.new_optimizer(), loss=losses)
+    joint = tf.data.Dataset.zip({t: retrain.train[t].repeat() for t in tasks})
+    joint = joint.map(
+        lambda batches: ({t: batches[t][0] for t in tasks}, {t: batches[t][1] for t in tasks})
+    )
+    joint = joint.skip(start_step).take(steps)
+    trainer.fit(
+        joint, epochs=1, shuffle=False, verbose=retrain.verbose, callbacks=list(retrain.callbacks)
+    )
+
+
+def task_accuracies(model: keras.Model, evaluation: Mapping[str, tf.data.Dataset]) -> dict:
+    """{task: top-1 accuracy of output ``task`` on its own (x, y) batches}."""
+
+    @tf.function
+    def correct(x, y, task):
+        logits = model(x, training=False)[task]
+        hits = tf.equal(tf.argmax(logits, axis=-1), tf.cast(y, tf.int64))
+        return tf.reduce_sum(tf.cast(hits, tf.int64)), tf.size(y, out_type=tf.int64)
+
+    result = {}
+    for task, dataset in evaluation.items():
+        hits = total = 0
+        for x, y in dataset:
+            h, n = correct(x, y, task)
+            hits, total = hits + int(h), total + int(n)
+        result[task] = hits / max(total, 1)
+    return result

@@ -1,0 +1,430 @@
+"""The layer-by-layer Multi-Task Zipping driver.
+
+For each hidden layer l, from the input upward (He, Zhou, Thiele, NeurIPS 2018, Alg. 1):
+
+1. H_t: each task's layer-l input Hessian on its own calibration data, through the current
+   zipped network, restricted to the inputs at shared positions (+ the bias).
+2. Costs ΔE between the group's and the next task's neurons (:mod:`mtz_tf.cost`).
+3. A matching of k_l pairs (:mod:`mtz_tf.matching`); tasks join one at a time, the group's
+   Hessian being Σ H_t of its members.
+4. Tied neurons get the Hessian-weighted merged weights from shared inputs; their weights
+   from task-specific inputs stay task-specific; other neurons keep theirs.
+5. Each task's layer-(l+1) input rows are permuted to [shared, in pair order; the rest].
+6. Optional light joint retraining of all tasks (:class:`mtz_tf.Retrain`).
+
+Output heads are never zipped. With a checkpoint directory, the zip saves itself after
+every layer and resumes from the last completed layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mtz_tf import cost, graph, hessian, stack
+from mtz_tf import matching as matching_lib
+from mtz_tf.report import LayerReport, ZipReport
+from mtz_tf.retrain import Retrain, retrain_jointly, task_accuracies
+
+_LOG = logging.getLogger("mtz_tf")
+_CHECKPOINT_MODEL = "zipped.keras"
+_CHECKPOINT_PROGRESS = "progress.json"
+
+
+def _validate_models(models: Mapping[str, keras.Model]) -> dict[str, graph.Plan]:
+    if not isinstance(models, Mapping) or len(models) < 2:
+        raise ValueError(
+            "`models` must be a dict {task name: keras.Model} with at least two models. "
+            f"Received: {type(models).__name__} of length {len(models) if models else 0}"
+        )
+    for task in models:
+        if not isinstance(task, str) or not task.isidentifier():
+            raise ValueError(
+                f"Task names must be Python identifiers (they name outputs and weights). "
+                f"Received: {task!r}"
+            )
+    plans = {task: graph.read_plan(model) for task, model in models.items()}
+    first_task = next(iter(plans))
+    first = plans[first_task]
+    for task, plan in plans.items():
+        if plan.input_shape != first.input_shape:
+            raise ValueError(
+                f"Model {task!r} takes inputs of shape {plan.input_shape}, but model "
+                f"{first_task!r} takes {first.input_shape}; zipped tasks share one input."
+            )
+        if plan.signature() != first.signature():
+            raise ValueError(
+                f"Models {first_task!r} and {task!r} have different architectures "
+                f"({[type(s).__name__ for s in first.steps]} with activations "
+                f"{[u.activation for u in first.units]} vs "
+                f"{[type(s).__name__ for s in plan.steps]} with "
+                f"{[u.activation for u in plan.units]}); zipping needs the same layer "
+                "sequence (widths may differ)."
+            )
+    for task, model in models.items():
+        for variable in model.weights:
+            if not np.all(np.isfinite(variable.numpy())):
+                raise ValueError(
+                    f"Model {task!r} has NaN or infinite values in weight {variable.path!r}; "
+                    "zipping needs finite weights."
+                )
+    return plans
+
+
+def _inputs_only(dataset, input_shape: tuple, task: str, what: str) -> tf.data.Dataset:
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TypeError(
+            f"The {what} for task {task!r} must be a batched tf.data.Dataset. "
+            f"Received: {type(dataset).__name__}"
+        )
+    spec = dataset.element_spec
+    x_spec = spec[0] if isinstance(spec, tuple) else spec
+    shape = tuple(x_spec.shape)
+    if len(shape) != len(input_shape) + 1 or any(
+        s is not None and s != e for s, e in zip(shape[1:], input_shape)
+    ):
+        raise ValueError(
+            f"The {what} for task {task!r} yields inputs of shape {shape}; the models take "
+            f"batches of shape (batch, {', '.join(map(str, input_shape))}). Batch the "
+            "dataset and give it inputs of the models' shape."
+        )
+    if isinstance(spec, tuple):
+        return dataset.map(lambda *element: element[0])
+    return dataset
+
+
+def resolve_shares(share, units: list[graph.DenseUnit], widths: list[int]) -> list[int]:
+    """Per-hidden-layer shared counts from ``share``.
+
+    ``share`` is a fraction for every layer (float in [0, 1]); a list with one count (int) or
+    fraction (float) per hidden layer; or a dict {layer name or index: count or fraction},
+    missing layers sharing nothing. A fraction f gives round(f · min_t n_t) neurons.
+    """
+    names = [u.name for u in units]
+
+    def count(value, index: int) -> int:
+        name, width = names[index], widths[index]
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(
+                f"`share` for layer {name!r} must be an int count or a float fraction. "
+                f"Received: {value!r}"
+            )
+        if isinstance(value, (float, np.floating)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(
+                    f"`share` fraction for layer {name!r} must be in [0, 1]. Received: {value}"
+                )
+            return int(round(value * width))
+        if not 0 <= value <= width:
+            raise ValueError(
+                f"`share` for layer {name!r} must be at most its width {width} (the narrowest "
+                f"task's). Received: share={value}"
+            )
+        return int(value)
+
+    if isinstance(share, Mapping):
+        result = [0] * len(names)
+        for key, value in share.items():
+            index = key if isinstance(key, int) else (names.index(key) if key in names else -1)
+            if not 0 <= index < len(names):
+                raise ValueError(
+                    f"`share` names layer {key!r}, which is not a hidden layer; hidden layers: "
+                    f"{names}."
+                )
+            result[index] = count(value, index)
+        return result
+    if isinstance(share, (list, tuple)):
+        if len(share) != len(names):
+            raise ValueError(
+                f"`share` needs one entry per hidden layer {names}. Received {list(share)}."
+            )
+        return [count(v, i) for i, v in enumerate(share)]
+    if isinstance(share, (int, np.integer)) and not isinstance(share, bool):
+        raise TypeError(
+            "A single `share` must be a float fraction (e.g. 1.0); give per-layer counts as a "
+            f"list or dict. Received: share={share!r}"
+        )
+    return [count(share, i) for i in range(len(names))]
+
+
+def _fingerprint(models, shares, matching_method, damping) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([list(models), shares, matching_method, damping]).encode())
+    for model in models.values():
+        for variable in model.weights:
+            digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def _layer_hessians(
+    model: keras.Model, index: int, states: list, calibration: dict
+) -> list[tf.Tensor]:
+    """Each task's Hessian of layer ``index``'s inputs at shared positions (+ bias)."""
+    layer = stack.zipped_layers(model)[index]
+    feature_model = keras.Model(model.input, layer.input)
+    state = states[index]
+    k_in = state.input_shared_units
+    result = []
+    for t, (task, dataset) in enumerate(calibration.items()):
+
+        def features(batch, t=t):
+            x = feature_model(batch, training=False)
+            x = x if state.common_input else x[t]
+            return x[:, :k_in]
+
+        h, _ = hessian.input_hessian(
+            features, dataset, append_bias=state.use_bias, description=f"calibration of {task!r}"
+        )
+        result.append(h)
+    return result
+
+
+def _zip_layer(
+    states: list, index: int, hessians: list, k: int, matching_method: str, damping: float
+) -> float:
+    """Ties k neurons of layer ``index`` across all tasks, in place; returns the summed cost."""
+    state, consumer = states[index], states[index + 1]
+    k_in = state.input_shared_units
+
+    def shared_part(t):  # (k_in [+1], n_t): weights from shared inputs, bias as last row.
+        rows = state.kernels[t][:k_in]
+        return np.vstack([rows, state.biases[t][None]]) if state.use_bias else rows
+
+    num_tasks = len(state.kernels)
+    group_w, group_h = shared_part(0), hessians[0]
+    chosen = [np.zeros(0, dtype=np.int64)] * num_tasks
+    total_cost = 0.0
+    if k == 0:
+        group_w = group_w[:, :0]
+    for t in range(1, num_tasks if k > 0 else 1):
+        w_t = shared_part(t)
+        costs = cost.merge_costs(group_w, w_t, group_h, hessians[t], damping).numpy()
+        rows, cols = matching_lib.match(costs, k if t == 1 else group_w.shape[1], matching_method)
+        if t == 1:
+            chosen[0] = rows
+            group_w = group_w[:, rows]
+        else:  # The group's shared neurons keep their order; reorder the newcomer's.
+            order = np.argsort(rows)
+            rows, cols = rows[order], cols[order]
+        chosen[t] = cols
+        total_cost += float(costs[rows, cols].sum())
+        group_w = cost.merged_weights([group_w, w_t[:, cols]], [group_h, hessians[t]], damping)
+        group_w = group_w.numpy()
+        group_h = group_h + hessians[t]
+
+    permutations = []
+    for t in range(num_tasks):
+        n_t = state.kernels[t].shape[1]
+        rest = np.setdiff1d(np.arange(n_t), chosen[t])  # ascending: original order kept
+        permutations.append(np.concatenate([chosen[t], rest]))
+        state.cross_kernels[t] = np.hstack(
+            [state.cross_kernels[t], state.kernels[t][k_in:, chosen[t]]]
+        )
+        state.kernels[t] = state.kernels[t][:, rest]
+        state.biases[t] = state.biases[t][rest]
+    state.shared_kernel = np.hstack([state.shared_kernel, group_w[:k_in]])
+    state.shared_bias = np.concatenate(
+        [state.shared_bias, group_w[k_in] if state.use_bias else np.zeros(k)]
+    )
+    state.shared_units += k
+
+    # The consumer's input rows follow each task's new output order [shared; specific].
+    for t in range(num_tasks):
+        consumer.kernels[t] = consumer.kernels[t][permutations[t]]
+        m_t = consumer.kernels[t].shape[0] - state.shared_units
+        consumer.cross_kernels[t] = np.zeros((m_t, consumer.shared_units))
+    consumer.input_shared_units = state.shared_units
+    consumer.shared_kernel = np.zeros((state.shared_units, consumer.shared_units))
+    consumer.common_input = state.common_output
+    return total_cost
+
+
+def _write_checkpoint(directory: str, model: keras.Model, progress: dict) -> None:
+    """Writes the model and progress atomically: a temp dir, then rename over the old one."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".mtz_ckpt_", dir=parent)
+    model.save(os.path.join(staging, _CHECKPOINT_MODEL))
+    with open(os.path.join(staging, _CHECKPOINT_PROGRESS), "w") as f:
+        json.dump(progress, f)
+    old = None
+    if os.path.exists(directory):
+        old = tempfile.mkdtemp(prefix=".mtz_old_", dir=parent)
+        os.rename(directory, os.path.join(old, "ckpt"))
+    os.rename(staging, directory)
+    if old:
+        shutil.rmtree(old)
+
+
+def _read_checkpoint(directory: str, fingerprint: str):
+    progress_path = os.path.join(directory, _CHECKPOINT_PROGRESS)
+    if not os.path.exists(progress_path):
+        if os.path.isdir(directory) and os.listdir(directory):
+            raise ValueError(
+                f"`checkpoint_dir` {directory!r} exists and is not an mtz_tf checkpoint; give "
+                "an empty or new directory."
+            )
+        return None
+    with open(progress_path) as f:
+        progress = json.load(f)
+    if progress.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"`checkpoint_dir` {directory!r} holds a zip of other models or settings; use a "
+            "new directory or delete it to start over."
+        )
+    model = keras.saving.load_model(os.path.join(directory, _CHECKPOINT_MODEL))
+    return model, progress
+
+
+def zip_models(
+    models: Mapping[str, keras.Model],
+    calibration: Mapping[str, tf.data.Dataset],
+    share=1.0,
+    matching: str = "greedy",
+    retrain: Retrain | None = None,
+    evaluation: Mapping[str, tf.data.Dataset] | None = None,
+    checkpoint_dir: str | None = None,
+    damping: float = cost.DEFAULT_DAMPING,
+    verbose: int = 1,
+) -> tuple[keras.Model, ZipReport]:
+    """Zips pre-trained models of the same architecture into one multi-task model.
+
+    Args:
+        models: {task name: keras.Model}, two or more chains of Dense layers (Flatten,
+            Dropout and activations between them) with the same layer sequence and input
+            shape. Not modified.
+        calibration: {task: batched tf.data.Dataset of inputs, or of (inputs, labels)};
+            labels are ignored. The Hessians average over all of it.
+        share: fraction of every hidden layer to share (float), or per-layer counts or
+            fractions as a list or {layer name: value} (see :func:`resolve_shares`).
+        matching: ``"greedy"`` (the paper) or ``"optimal"`` (exact min-cost matching).
+        retrain: :class:`Retrain` settings for light joint retraining after each layer, or
+            None for none.
+        evaluation: {task: batched (x, y) dataset}; when given, the report has per-task
+            accuracy of the originals and before/after each layer's retraining.
+        checkpoint_dir: str or None; saves after every layer and resumes from there.
+        damping: float, relative Hessian damping (:mod:`mtz_tf.cost`).
+        verbose: int, 0 silent, 1 one line per layer (plus Keras progress bars).
+
+    Returns:
+        ``(zipped, report)``: a Keras model with one input and a dict of outputs keyed by
+        task name, and a :class:`ZipReport`.
+    """
+    plans = _validate_models(models)
+    task_names = list(models)
+    if not isinstance(calibration, Mapping) or set(calibration) != set(task_names):
+        raise ValueError(
+            f"`calibration` must have one dataset per task {task_names}. Received keys: "
+            f"{sorted(calibration) if isinstance(calibration, Mapping) else calibration!r}"
+        )
+    if matching not in matching_lib.METHODS:
+        raise ValueError(
+            f"`matching` must be one of {matching_lib.METHODS}. Received: matching={matching!r}"
+        )
+    plan = plans[task_names[0]]
+    calibration = {
+        t: _inputs_only(calibration[t], plan.input_shape, t, "calibration data") for t in task_names
+    }
+    if evaluation is not None and set(evaluation) - set(task_names):
+        raise ValueError(
+            f"`evaluation` names unknown task(s) {sorted(set(evaluation) - set(task_names))}; "
+            f"tasks: {task_names}."
+        )
+    if retrain is not None and set(retrain.train) != set(task_names):
+        raise ValueError(
+            f"`Retrain.train` must have one dataset per task {task_names}. Received keys: "
+            f"{sorted(retrain.train)}"
+        )
+    hidden = plan.hidden_units
+    widths = [min(plans[t].hidden_units[i].units for t in task_names) for i in range(len(hidden))]
+    shares = resolve_shares(share, hidden, widths)
+    fingerprint = _fingerprint(models, shares, matching, damping)
+
+    report = ZipReport(tasks=task_names, matching=matching)
+    states = stack.separate_states(plans, models)
+    start = 0
+    if checkpoint_dir:
+        restored = _read_checkpoint(checkpoint_dir, fingerprint)
+        if restored is not None:
+            restored_model, progress = restored
+            states = stack.read_states(restored_model)
+            report = ZipReport.from_dict(progress["report"])
+            start = progress["completed_layers"]
+            if verbose:
+                print(f"Resuming from {checkpoint_dir!r}: {start} layer(s) already zipped.")
+    if evaluation is not None and start == 0:
+        report.accuracy_original = task_accuracies(
+            stack.build_model(plan, task_names, states), evaluation
+        )
+
+    retrain_offset = sum(layer.retrain_steps for layer in report.layers)
+    for index in range(start, len(hidden)):
+        began = time.time()
+        model = stack.build_model(plan, task_names, states)
+        hessians = _layer_hessians(model, index, states, calibration)
+        merge_cost = _zip_layer(states, index, hessians, shares[index], matching, damping)
+        model = stack.build_model(plan, task_names, states)
+        layer_report = LayerReport(
+            name=hidden[index].name,
+            widths={t: plans[t].hidden_units[index].units for t in task_names},
+            shared=shares[index],
+            merge_cost=merge_cost,
+        )
+        if evaluation is not None:
+            layer_report.accuracy_before_retraining = task_accuracies(model, evaluation)
+        steps = retrain.steps_for(index, len(hidden)) if retrain is not None else 0
+        if steps:
+            retrain_jointly(model, retrain, steps, start_step=retrain_offset)
+            retrain_offset += steps
+            states = stack.read_states(model)
+            if evaluation is not None:
+                layer_report.accuracy_after_retraining = task_accuracies(model, evaluation)
+        layer_report.retrain_steps = steps
+        layer_report.seconds = time.time() - began
+        report.layers.append(layer_report)
+        if checkpoint_dir:
+            _write_checkpoint(
+                checkpoint_dir,
+                model,
+                {
+                    "fingerprint": fingerprint,
+                    "completed_layers": index + 1,
+                    "report": report.to_dict(),
+                },
+            )
+        if verbose:
+            print(_layer_line(layer_report, index, len(hidden)))
+
+    zipped = stack.build_model(plan, task_names, states)
+    input_params = int(sum(m.count_params() for m in models.values()))
+    counts = stack.parameter_counts(zipped)
+    report.parameters = dict(
+        counts, input_models=input_params, ratio=counts["total"] / input_params
+    )
+    return zipped, report
+
+
+def _layer_line(layer: LayerReport, index: int, count: int) -> str:
+    line = (
+        f"[zip {index + 1}/{count}] {layer.name}: shared {layer.shared}/"
+        f"{min(layer.widths.values())}, merge cost {layer.merge_cost:.4g}"
+    )
+    for label, acc in (
+        ("acc zipped", layer.accuracy_before_retraining),
+        ("acc retrained", layer.accuracy_after_retraining),
+    ):
+        if acc:
+            line += f", {label} " + " ".join(f"{t}={a:.4f}" for t, a in acc.items())
+    if layer.retrain_steps:
+        line += f", {layer.retrain_steps} retrain steps"
+    return line + f" ({layer.seconds:.1f}s)"
