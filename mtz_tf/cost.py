@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 DEFAULT_DAMPING = 1e-6
@@ -79,7 +80,7 @@ def _check_shapes(weights: Sequence[tf.Tensor], hessians: Sequence[tf.Tensor]) -
 def _columns(w: tf.Tensor) -> tf.Tensor:
     """(P..., d, n) -> (d, P·n): positions side by side, so one solve handles them all."""
     d, n = w.shape[-2], w.shape[-1]
-    w = tf.reshape(w, [-1, d, n])  # (P, d, n)
+    w = tf.reshape(w, [int(np.prod(w.shape[:-2])), d, n])  # (P, d, n)
     return tf.reshape(tf.transpose(w, [1, 0, 2]), [d, -1])  # (d, P·n)
 
 
@@ -98,10 +99,11 @@ def merge_costs(w_a, w_b, h_a, h_b, damping: float = DEFAULT_DAMPING) -> tf.Tens
         float64 tensor (n_a, n_b) of costs ½ dᵀ H_A (H_A + H_B)⁻¹ H_B d, clipped at 0
         (round-off can push exact zeros slightly negative).
     """
-    w_a, w_b = _as_f64(w_a), _as_f64(w_b)
-    h_a, h_b = damp_hessians([h_a, h_b], damping)
+    w_a, w_b, h_a, h_b = (_as_f64(v) for v in (w_a, w_b, h_a, h_b))
     _check_shapes([w_a, w_b], [h_a, h_b])
+    h_a, h_b = damp_hessians([h_a, h_b], damping)
     n_a, n_b = w_a.shape[-1], w_b.shape[-1]
+    positions = int(np.prod(w_a.shape[:-2]))
     a, b = _columns(w_a), _columns(w_b)  # (d, P·n_a), (d, P·n_b)
     ha_a, hb_b = h_a @ a, h_b @ b
     chol = tf.linalg.cholesky(h_a + h_b)
@@ -110,13 +112,13 @@ def merge_costs(w_a, w_b, h_a, h_b, damping: float = DEFAULT_DAMPING) -> tf.Tens
 
     def per_neuron(x: tf.Tensor, n: int) -> tf.Tensor:
         # Sum over d and positions of a (d, P·n) tensor -> (n,).
-        return tf.reduce_sum(tf.reshape(x, [x.shape[0], -1, n]), axis=[0, 1])
+        return tf.reduce_sum(tf.reshape(x, [x.shape[0], positions, n]), axis=[0, 1])
 
     diag_a = per_neuron(a * ha_a - u * u, n_a)  # diag(AᵀMA)
     diag_b = per_neuron(b * hb_b - v * v, n_b)  # diag(BᵀMB)
     d = a.shape[0]
-    u3 = tf.reshape(u, [d, -1, n_a])  # (d, P, n_a)
-    v3 = tf.reshape(v, [d, -1, n_b])  # (d, P, n_b)
+    u3 = tf.reshape(u, [d, positions, n_a])  # (d, P, n_a)
+    v3 = tf.reshape(v, [d, positions, n_b])  # (d, P, n_b)
     cross = tf.einsum("dpi,dpj->ij", u3, v3)  # AᵀMB summed over positions
     cost = 0.5 * (diag_a[:, None] + diag_b[None, :] - 2.0 * cross)
     return tf.maximum(cost, 0.0)
@@ -141,13 +143,15 @@ def merged_weights(
             f"{len(weights)} and {len(hessians)}."
         )
     weights = [_as_f64(w) for w in weights]
-    hessians = damp_hessians(hessians, damping)
+    hessians = [_as_f64(h) for h in hessians]
     _check_shapes(weights, hessians)
+    hessians = damp_hessians(hessians, damping)
     shape = tf.shape(weights[0])
+    positions = int(np.prod(weights[0].shape[:-2]))
     rhs = tf.add_n([h @ _columns(w) for h, w in zip(hessians, weights)])  # (d, P·n)
     solved = tf.linalg.cholesky_solve(tf.linalg.cholesky(tf.add_n(hessians)), rhs)
     d, n = weights[0].shape[-2], weights[0].shape[-1]
-    solved = tf.transpose(tf.reshape(solved, [d, -1, n]), [1, 0, 2])  # (P, d, n)
+    solved = tf.transpose(tf.reshape(solved, [d, positions, n]), [1, 0, 2])  # (P, d, n)
     return tf.reshape(solved, shape)
 
 
@@ -158,9 +162,10 @@ def tie_costs(weights: Sequence, hessians: Sequence, damping: float = DEFAULT_DA
     """
     merged = _columns(merged_weights(weights, hessians, damping))
     hessians = damp_hessians(hessians, damping)
-    n = _as_f64(weights[0]).shape[-1]
+    w0 = _as_f64(weights[0])
+    positions, n = int(np.prod(w0.shape[:-2])), w0.shape[-1]
     total = 0.0
     for w, h in zip(weights, hessians):
-        delta = _columns(_as_f64(w)) - merged
-        total += tf.reduce_sum(tf.reshape(delta * (h @ delta), [delta.shape[0], -1, n]), [0, 1])
+        delta = _columns(_as_f64(w)) - merged  # (d, P·n)
+        total += tf.reduce_sum(tf.reshape(delta * (h @ delta), [-1, positions, n]), [0, 1])
     return 0.5 * total

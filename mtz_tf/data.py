@@ -201,3 +201,28 @@ def to_dataset(
     if shuffle:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def training_stream(x: np.ndarray, y: np.ndarray, batch_size: int = 32, seed: int = 0):
+    """An endless, reshuffled stream of ``(x, y)`` batches that repeats exactly.
+
+    Epoch e visits the samples in the order argsort(u) with u drawn by a stateless RNG
+    from ``(seed, e)``, so every new iterator yields the same batches in the same order,
+    in this process or another one. ``Retrain`` relies on that to resume an interrupted
+    zip exactly (a seeded ``shuffle`` reshuffles differently on every new iterator).
+    """
+    n = len(x)
+    if n == 0:
+        raise ValueError("`x` is empty: a training stream needs at least one sample.")
+    x, y = tf.constant(x), tf.constant(y)
+
+    def epoch(e):
+        u = tf.random.stateless_uniform([n], seed=tf.stack([tf.constant(seed, tf.int64), e]))
+        return tf.data.Dataset.from_tensor_slices(tf.argsort(u))
+
+    indices = tf.data.Dataset.counter().flat_map(epoch)
+    return (
+        indices.batch(batch_size, drop_remainder=True)
+        .map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
+        .prefetch(tf.data.AUTOTUNE)
+    )

@@ -104,32 +104,27 @@ class ZippedDense(keras.layers.Layer):
         """Whether all tasks get one and the same output tensor."""
         return self.common_input and all(n == self.shared_units for n in self.units)
 
+    def _weight(self, name, shape, initializer):
+        # Empty weights (nothing shared yet, or no specific neurons) are not trainable, so
+        # optimizers do not warn that they get no gradient.
+        return self.add_weight(
+            name=name, shape=shape, initializer=initializer, trainable=0 not in shape
+        )
+
     def build(self, input_shape=None):
         k, k_in = self.shared_units, self.input_shared_units
-        self.shared_kernel = self.add_weight(
-            name="shared_kernel", shape=(k_in, k), initializer="glorot_uniform"
-        )
-        self.shared_bias = (
-            self.add_weight(name="shared_bias", shape=(k,), initializer="zeros")
-            if self.use_bias
-            else None
-        )
+        self.shared_kernel = self._weight("shared_kernel", (k_in, k), "glorot_uniform")
+        self.shared_bias = self._weight("shared_bias", (k,), "zeros") if self.use_bias else None
         self.cross_kernels, self.task_kernels, self.task_biases = [], [], []
         for name, n, width in zip(self.task_names, self.units, self.input_units):
             self.cross_kernels.append(
-                self.add_weight(
-                    name=f"{name}_cross_kernel", shape=(width - k_in, k), initializer="zeros"
-                )
+                self._weight(f"{name}_cross_kernel", (width - k_in, k), "zeros")
             )
             self.task_kernels.append(
-                self.add_weight(
-                    name=f"{name}_kernel", shape=(width, n - k), initializer="glorot_uniform"
-                )
+                self._weight(f"{name}_kernel", (width, n - k), "glorot_uniform")
             )
             self.task_biases.append(
-                self.add_weight(name=f"{name}_bias", shape=(n - k,), initializer="zeros")
-                if self.use_bias
-                else None
+                self._weight(f"{name}_bias", (n - k,), "zeros") if self.use_bias else None
             )
 
     def _affine(self, x, kernel, bias):

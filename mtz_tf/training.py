@@ -37,7 +37,9 @@ def train_classifier(
     compile_classifier(model, learning_rate)
     train_ds = data.to_dataset(x, y, batch_size=batch_size, shuffle=True, seed=seed)
     val_ds = None if validation is None else data.to_dataset(*validation, batch_size=512)
-    return model.fit(train_ds, epochs=epochs, validation_data=val_ds, verbose=verbose)
+    return model.fit(
+        train_ds, epochs=epochs, validation_data=val_ds, shuffle=False, verbose=verbose
+    )
 
 
 def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:

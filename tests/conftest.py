@@ -1,0 +1,58 @@
+"""Shared fixtures: real Fashion-MNIST data and small trained Keras models."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPUs so that a MirroredStrategy test can run on this 2-core machine; must
+# happen before TensorFlow initialises its devices.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
+
+from mtz_tf import data, models, training  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    """A 12k-sample training subset and a 2k-sample test subset, normalised to [0, 1]."""
+    x, y = data.load(split="train")
+    x_test, y_test = data.load(split="test")
+    return (
+        data.normalize(x[:12000]),
+        y[:12000],
+        data.normalize(x_test[:2000]),
+        y_test[:2000],
+    )
+
+
+def _trained_lenet(fashion, seed):
+    x, y, _, _ = fashion
+    model = models.lenet_300_100(seed=seed)
+    training.train_classifier(model, x, y, epochs=1, seed=seed, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def lenet_a(fashion):
+    return _trained_lenet(fashion, seed=1)
+
+
+@pytest.fixture(scope="session")
+def lenet_b(fashion):
+    return _trained_lenet(fashion, seed=2)
+
+
+@pytest.fixture(scope="session")
+def calibration(fashion):
+    x = fashion[0]
+    return data.to_dataset(data.calibration_subset(x, 1000, seed=0), batch_size=250)
+
+
+def max_abs_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))

@@ -1,0 +1,232 @@
+"""zip_models end to end on trained LeNet-300-100 models (real Fashion-MNIST)."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mtz_tf
+from mtz_tf import data, models
+
+from conftest import max_abs_diff
+
+
+def test_zipping_a_model_with_its_permutation_recovers_it(lenet_a, calibration, fashion):
+    permuted = models.permute_hidden(lenet_a, seed=11)
+    zipped, report = mtz_tf.zip_models(
+        {"a": lenet_a, "b": permuted}, {"a": calibration, "b": calibration}, share=1.0, verbose=0
+    )
+    x = fashion[2][:300]
+    outputs = zipped(x)
+    expected = lenet_a(x)
+    assert max_abs_diff(outputs["a"], expected) < 1e-5
+    assert max_abs_diff(outputs["b"], expected) < 1e-5
+    assert all(layer.merge_cost < 1e-8 for layer in report.layers)
+    # Fully shared hidden layers are computed once: one tensor leaves the last hidden layer.
+    hidden = [layer for layer in zipped.layers if isinstance(layer, mtz_tf.ZippedDense)][:-1]
+    assert all(layer.common_output for layer in hidden)
+
+
+def test_share_zero_leaves_every_task_unchanged(lenet_a, lenet_b, calibration, fashion):
+    zipped, report = mtz_tf.zip_models(
+        {"a": lenet_a, "b": lenet_b}, {"a": calibration, "b": calibration}, share=0.0, verbose=0
+    )
+    x = fashion[2][:300]
+    assert max_abs_diff(zipped(x)["a"], lenet_a(x)) < 1e-5
+    assert max_abs_diff(zipped(x)["b"], lenet_b(x)) < 1e-5
+    assert report.parameters["total"] == report.parameters["input_models"]
+
+
+def test_partial_share_parameter_counts(lenet_a, lenet_b, calibration):
+    zipped, report = mtz_tf.zip_models(
+        {"a": lenet_a, "b": lenet_b},
+        {"a": calibration, "b": calibration},
+        share={"fc1": 200, "fc2": 0.5},
+        verbose=0,
+    )
+    # fc1: 200 shared neurons (784 inputs + bias) once, 100 specific per task.
+    # fc2: inputs per task = 200 shared + 100 specific; 50 shared neurons (200 shared
+    # weights + bias, and 100 cross weights per task), 50 specific per task (300 + 1 each).
+    shared = 200 * 785 + 50 * 201
+    specific = 2 * (100 * 785) + 2 * (100 * 50 + 50 * 301) + 2 * (101 * 10)
+    assert report.parameters["shared"] == shared
+    assert report.parameters["specific"] == specific
+    assert zipped.count_params() == shared + specific
+    assert [layer.shared for layer in report.layers] == [200, 50]
+
+
+def test_keras_round_trip_gives_identical_outputs(lenet_a, lenet_b, calibration, fashion, tmp_path):
+    zipped, _ = mtz_tf.zip_models(
+        {"a": lenet_a, "b": lenet_b},
+        {"a": calibration, "b": calibration},
+        share=0.7,
+        verbose=0,
+    )
+    path = str(tmp_path / "zipped.keras")
+    zipped.save(path)
+    restored = keras.saving.load_model(path)
+    x = fashion[2][:100]
+    for task in ("a", "b"):
+        np.testing.assert_array_equal(zipped(x)[task], restored(x)[task])
+
+
+def _retrain(fashion, steps=30, callbacks=()):
+    x, y = fashion[0], fashion[1]
+    train = {t: data.training_stream(x, y, batch_size=32, seed=i) for i, t in enumerate(("a", "b"))}
+    return mtz_tf.Retrain(train, steps_per_layer=steps, callbacks=list(callbacks), verbose=0)
+
+
+def _weights(model):
+    return [w.numpy() for w in model.weights]
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(
+    lenet_a, lenet_b, calibration, fashion, tmp_path
+):
+    models_ = {"a": lenet_a, "b": lenet_b}
+    calib = {"a": calibration, "b": calibration}
+    full, full_report = mtz_tf.zip_models(models_, calib, retrain=_retrain(fashion), verbose=0)
+
+    class StopAtSecondLayer(keras.callbacks.Callback):
+        calls = 0
+
+        def on_train_begin(self, logs=None):
+            StopAtSecondLayer.calls += 1
+            if StopAtSecondLayer.calls == 2:
+                raise KeyboardInterrupt("simulated interruption")
+
+    checkpoint = str(tmp_path / "ckpt")
+    with pytest.raises(KeyboardInterrupt):
+        mtz_tf.zip_models(
+            models_,
+            calib,
+            retrain=_retrain(fashion, callbacks=[StopAtSecondLayer()]),
+            checkpoint_dir=checkpoint,
+            verbose=0,
+        )
+    progress = json.load(open(f"{checkpoint}/progress.json"))
+    assert progress["completed_layers"] == 1
+    resumed, resumed_report = mtz_tf.zip_models(
+        models_, calib, retrain=_retrain(fashion), checkpoint_dir=checkpoint, verbose=0
+    )
+    for a, b in zip(_weights(full), _weights(resumed)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert resumed_report.retrain_steps == full_report.retrain_steps == 60
+    with pytest.raises(ValueError, match="holds a zip of other models"):
+        mtz_tf.zip_models(models_, calib, share=0.5, checkpoint_dir=checkpoint, verbose=0)
+
+
+def test_same_seeds_give_same_zipped_weights(lenet_a, lenet_b, calibration, fashion):
+    runs = [
+        mtz_tf.zip_models(
+            {"a": lenet_a, "b": lenet_b},
+            {"a": calibration, "b": calibration},
+            share=0.8,
+            retrain=_retrain(fashion, steps=10),
+            verbose=0,
+        )[0]
+        for _ in range(2)
+    ]
+    for a, b in zip(_weights(runs[0]), _weights(runs[1])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_mirrored_strategy_gives_the_same_result(lenet_a, lenet_b, calibration, fashion):
+    models_ = {"a": lenet_a, "b": lenet_b}
+    calib = {"a": calibration, "b": calibration}
+    plain, plain_report = mtz_tf.zip_models(
+        models_, calib, retrain=_retrain(fashion, steps=20), verbose=0
+    )
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        mirrored, mirrored_report = mtz_tf.zip_models(
+            models_, calib, retrain=_retrain(fashion, steps=20), verbose=0
+        )
+    for a, b in zip(_weights(plain), _weights(mirrored)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    for p, m in zip(plain_report.layers, mirrored_report.layers):
+        np.testing.assert_allclose(p.merge_cost, m.merge_cost, rtol=1e-6)
+
+
+def test_optimal_matching_costs_no_more_than_greedy(lenet_a, lenet_b, calibration):
+    reports = {
+        method: mtz_tf.zip_models(
+            {"a": lenet_a, "b": lenet_b},
+            {"a": calibration, "b": calibration},
+            share=[100, 0],
+            matching=method,
+            verbose=0,
+        )[1]
+        for method in ("greedy", "optimal")
+    }
+    assert reports["optimal"].layers[0].merge_cost <= reports["greedy"].layers[0].merge_cost
+
+
+def test_report_is_json_and_inputs_are_not_mutated(lenet_a, lenet_b, calibration, fashion):
+    before = [_weights(lenet_a), _weights(lenet_b)]
+    x_test, y_test = fashion[2], fashion[3]
+    evaluation = {t: data.to_dataset(x_test, y_test, batch_size=500) for t in ("a", "b")}
+    _, report = mtz_tf.zip_models(
+        {"a": lenet_a, "b": lenet_b},
+        {"a": calibration, "b": calibration},
+        retrain=_retrain(fashion, steps=5),
+        evaluation=evaluation,
+        verbose=0,
+    )
+    decoded = json.loads(report.to_json())
+    assert decoded["parameters"]["ratio"] == pytest.approx(
+        decoded["parameters"]["total"] / decoded["parameters"]["input_models"]
+    )
+    expected_a = np.mean(np.argmax(lenet_a.predict(x_test, verbose=0), -1) == y_test)
+    assert decoded["accuracy_original"]["a"] == pytest.approx(expected_a)
+    assert set(decoded["layers"][0]["accuracy_after_retraining"]) == {"a", "b"}
+    for original, model in zip(before, (lenet_a, lenet_b)):
+        for a, b in zip(original, _weights(model)):
+            np.testing.assert_array_equal(a, b)
+
+
+def _tiny(width=8, depth=2, activation="relu", input_shape=(6,)):
+    layers = [keras.Input(input_shape)]
+    layers += [keras.layers.Dense(width, activation=activation) for _ in range(depth)]
+    layers.append(keras.layers.Dense(3))
+    return keras.Sequential(layers)
+
+
+def _calib(shape=(6,), n=32):
+    return tf.data.Dataset.from_tensor_slices(np.ones((n,) + shape, np.float32)).batch(8)
+
+
+def test_bad_input_errors_name_the_problem():
+    a, b = _tiny(), _tiny()
+    calib = {"a": _calib(), "b": _calib()}
+    with pytest.raises(ValueError, match="different architectures"):
+        mtz_tf.zip_models({"a": a, "b": _tiny(depth=3)}, calib)
+    with pytest.raises(ValueError, match="different architectures"):
+        mtz_tf.zip_models({"a": a, "b": _tiny(activation="tanh")}, calib)
+    with pytest.raises(ValueError, match=r"takes inputs of shape \(7,\)"):
+        mtz_tf.zip_models({"a": a, "b": _tiny(input_shape=(7,))}, calib)
+    with pytest.raises(ValueError, match="must be at most its width 8"):
+        mtz_tf.zip_models({"a": a, "b": b}, calib, share=[9, 1])
+    with pytest.raises(ValueError, match="not a hidden layer"):
+        mtz_tf.zip_models({"a": a, "b": b}, calib, share={"nope": 1})
+    with pytest.raises(ValueError, match="one dataset per task"):
+        mtz_tf.zip_models({"a": a, "b": b}, {"a": _calib(), "c": _calib()})
+    with pytest.raises(ValueError, match="yields inputs of shape"):
+        mtz_tf.zip_models({"a": a, "b": b}, {"a": _calib(), "b": _calib(shape=(5,))})
+    empty = tf.data.Dataset.from_tensor_slices(np.zeros((0, 6), np.float32)).batch(8)
+    with pytest.raises(ValueError, match="calibration of 'b'.* is empty"):
+        mtz_tf.zip_models({"a": a, "b": b}, {"a": _calib(), "b": empty})
+    with pytest.raises(ValueError, match="at least two models"):
+        mtz_tf.zip_models({"a": a}, {"a": _calib()})
+    with pytest.raises(ValueError, match="matching"):
+        mtz_tf.zip_models({"a": a, "b": b}, calib, matching="hungarian")
+    broken = _tiny()
+    kernel = broken.layers[0].kernel
+    kernel.assign(np.where(np.eye(*kernel.shape) > 0, np.nan, kernel.numpy()))
+    snapshot = _weights(a)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        mtz_tf.zip_models({"a": a, "b": broken}, calib)
+    for x, y in zip(snapshot, _weights(a)):
+        np.testing.assert_array_equal(x, y)
