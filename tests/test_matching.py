@@ -10,11 +10,9 @@ from mtz_tf import matching
 
 def brute_force_greedy(cost, k):
     pairs = sorted(
-        (
-            (cost[i, j], i * cost.shape[1] + j, i, j)
-            for i in range(cost.shape[0])
-            for j in range(cost.shape[1])
-        )
+        (cost[i, j], i * cost.shape[1] + j, i, j)
+        for i in range(cost.shape[0])
+        for j in range(cost.shape[1])
     )
     used_rows, used_cols, rows, cols = set(), set(), [], []
     for _, _, i, j in pairs:

@@ -6,11 +6,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import max_abs_diff
 
 import mtz_tf
 from mtz_tf import data, models
-
-from conftest import max_abs_diff
 
 
 def test_zipping_a_model_with_its_permutation_recovers_it(lenet_a, calibration, fashion):
