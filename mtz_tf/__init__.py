@@ -4,7 +4,7 @@ The public API: :func:`zip_models` with :class:`Retrain`, the :class:`ZippedDens
 and the modules ``data``, ``models``, ``hessian``, ``cost``, ``matching``, ``graph``.
 """
 
-from mtz_tf import cost, data, graph, hessian, matching, models, training
+from mtz_tf import cost, data, graph, hessian, matching, models, stack, training
 from mtz_tf.layers import ZippedDense
 from mtz_tf.report import LayerReport, ZipReport
 from mtz_tf.retrain import Retrain
@@ -23,6 +23,7 @@ __all__ = [
     "hessian",
     "matching",
     "models",
+    "stack",
     "training",
     "zip_models",
 ]

@@ -179,6 +179,35 @@ class ZippedDense(keras.layers.Layer):
         )
         return config
 
+    def task_weights(self, task: str) -> tuple:
+        """Task ``task``'s view as one ordinary dense layer: (kernel (d_t, n_t), bias (n_t,)).
+
+        Columns are [shared neurons; the task's own], rows the task's input layout, so
+        ``act(x_t @ kernel + bias)`` equals this layer's output for the task.
+        """
+        t = self.task_names.index(task)
+        shared = ops.concatenate([self.shared_kernel, self.cross_kernels[t]], axis=0)
+        kernel = ops.concatenate([shared, self.task_kernels[t]], axis=1)
+        bias = (
+            ops.concatenate([self.shared_bias, self.task_biases[t]], axis=0)
+            if self.use_bias
+            else None
+        )
+        return kernel, bias
+
+    def task_layer(self, task: str) -> keras.layers.Dense:
+        """A built ``keras.layers.Dense`` computing only task ``task``'s output."""
+        kernel, bias = self.task_weights(task)
+        layer = keras.layers.Dense(
+            self.units[self.task_names.index(task)],
+            activation=self.activation_name,
+            use_bias=self.use_bias,
+            name=self.name,
+        )
+        layer.build((None, kernel.shape[0]))
+        layer.set_weights([kernel] if bias is None else [kernel, bias])
+        return layer
+
     def parameter_counts(self) -> tuple[int, int]:
         """(shared, task-specific) parameter counts; shared ones are stored once."""
         k, k_in = self.shared_units, self.input_shared_units

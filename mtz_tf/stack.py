@@ -192,3 +192,24 @@ def parameter_counts(model: keras.Model) -> dict[str, int]:
         shared += s
         specific += p
     return {"shared": shared, "specific": specific, "total": shared + specific}
+
+
+def task_model(zipped: keras.Model, task: str) -> keras.Model:
+    """A plain Keras model computing only ``task``'s output of a zipped model.
+
+    Each ``ZippedDense`` becomes an ordinary ``Dense`` layer holding the task's view of
+    its weights (shared columns first); other layers are copied from their configs. The
+    result computes exactly ``zipped(x)[task]`` and nothing for the other tasks.
+    """
+    tasks = list(zipped.output)
+    if task not in tasks:
+        raise ValueError(f"Unknown task {task!r}; the zipped model has tasks {tasks}.")
+    x = inputs = keras.Input(shape=zipped.input.shape[1:], name="input")
+    for layer in zipped.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, ZippedDense):
+            x = layer.task_layer(task)(x)
+        else:
+            x = layer.__class__.from_config(layer.get_config())(x)
+    return keras.Model(inputs, x, name=f"{zipped.name}_{task}")

@@ -229,3 +229,19 @@ def test_bad_input_errors_name_the_problem():
         mtz_tf.zip_models({"a": a, "b": broken}, calib)
     for x, y in zip(snapshot, _weights(a)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_task_model_computes_one_task_exactly(lenet_a, lenet_b, calibration, fashion):
+    zipped, _ = mtz_tf.zip_models(
+        {"a": lenet_a, "b": lenet_b},
+        {"a": calibration, "b": calibration},
+        share=0.6,
+        verbose=0,
+    )
+    x = fashion[2][:100]
+    for task in ("a", "b"):
+        single = mtz_tf.stack.task_model(zipped, task)
+        assert not any(isinstance(layer, mtz_tf.ZippedDense) for layer in single.layers)
+        assert max_abs_diff(single(x), zipped(x)[task]) < 1e-5
+    with pytest.raises(ValueError, match="Unknown task 'c'"):
+        mtz_tf.stack.task_model(zipped, "c")
