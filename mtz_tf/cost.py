@@ -155,17 +155,34 @@ def merged_weights(
     return tf.reshape(solved, shape)
 
 
-def tie_costs(weights: Sequence, hessians: Sequence, damping: float = DEFAULT_DAMPING) -> tf.Tensor:
-    """Per-neuron cost ½ Σ_t (w_t − w̃)ᵀ H_t (w_t − w̃) of a T-way tie at its optimum w̃.
+def deviation_costs(
+    weights: Sequence, hessians: Sequence, merged, damping: float = DEFAULT_DAMPING
+) -> tf.Tensor:
+    """Per-neuron cost ½ Σ_t (w_t − w̃)ᵀ H_t (w_t − w̃) of replacing every w_t by ``merged``.
 
-    Args and damping as :func:`merged_weights`. Returns float64 (n,), summed over positions.
+    Args:
+        weights: T arrays (P..., d, n); hessians: T arrays (d, d); merged: (P..., d, n),
+            any tied weights (the optimum of :func:`merged_weights`, a plain average, ...).
+        damping: float, relative damping of the Hessians (module docstring).
+
+    Returns:
+        float64 (n,), summed over positions.
     """
-    merged = _columns(merged_weights(weights, hessians, damping))
+    merged = _columns(_as_f64(merged))  # (d, P·n)
     hessians = damp_hessians(hessians, damping)
     w0 = _as_f64(weights[0])
     positions, n = int(np.prod(w0.shape[:-2])), w0.shape[-1]
-    total = 0.0
+    total = tf.zeros([n], tf.float64)
     for w, h in zip(weights, hessians):
         delta = _columns(_as_f64(w)) - merged  # (d, P·n)
         total += tf.reduce_sum(tf.reshape(delta * (h @ delta), [-1, positions, n]), [0, 1])
     return 0.5 * total
+
+
+def tie_costs(weights: Sequence, hessians: Sequence, damping: float = DEFAULT_DAMPING) -> tf.Tensor:
+    """Per-neuron cost of a T-way tie at its optimum w̃ (:func:`merged_weights`).
+
+    Args and damping as :func:`merged_weights`. Returns float64 (n,), summed over positions.
+    """
+    merged = merged_weights(weights, hessians, damping)
+    return deviation_costs(weights, hessians, merged, damping)

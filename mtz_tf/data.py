@@ -226,3 +226,34 @@ def training_stream(x: np.ndarray, y: np.ndarray, batch_size: int = 32, seed: in
         .map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+def load_task(
+    name: str = "fashion_mnist",
+    classes: Sequence[int] | None = None,
+    data_dir: str | None = None,
+    validation_size: int = 5000,
+    seed: int = 0,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Train/validation/test arrays of one task, normalised to [0, 1] (N, 28, 28, 1).
+
+    Args:
+        name: str, ``"fashion_mnist"`` or ``"mnist"``.
+        classes: optional label subset; labels are remapped to 0..len(classes)-1.
+        data_dir: optional IDX directory (see :func:`load`).
+        validation_size: int, samples split off the training set (seeded) for selection.
+        seed: int, seeds the validation split.
+
+    Returns:
+        {"train": (x, y), "validation": (x, y), "test": (x, y)}.
+    """
+    splits = {}
+    for split in ("train", "test"):
+        images, labels = load(name, split, data_dir)
+        x = normalize(images)
+        if classes is not None:
+            x, labels = split_labels(x, labels, classes)
+        splits[split] = (x, labels)
+    size = min(validation_size, len(splits["train"][0]) // 10)
+    splits["train"], splits["validation"] = train_validation_split(*splits["train"], size, seed)
+    return splits

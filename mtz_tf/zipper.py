@@ -157,9 +157,9 @@ def resolve_shares(share, units: list[graph.DenseUnit], widths: list[int]) -> li
     return [count(share, i) for i in range(len(names))]
 
 
-def _fingerprint(models, shares, matching_method, damping) -> str:
+def _fingerprint(models, shares, config: dict, seed: int) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps([list(models), shares, matching_method, damping]).encode())
+    digest.update(json.dumps([list(models), shares, config, seed], sort_keys=True).encode())
     for model in models.values():
         for variable in model.weights:
             digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
@@ -189,27 +189,52 @@ def _layer_hessians(
     return result
 
 
+CRITERIA = ("hessian", "euclidean", "random")
+MERGES = ("hessian", "average")
+
+
 def _zip_layer(
-    states: list, index: int, hessians: list, k: int, matching_method: str, damping: float
+    states: list,
+    index: int,
+    hessians: list,
+    k: int,
+    config: dict,
+    rng: np.random.Generator,
 ) -> float:
-    """Ties k neurons of layer ``index`` across all tasks, in place; returns the summed cost."""
+    """Ties k neurons of layer ``index`` across all tasks, in place.
+
+    ``config`` holds ``matching``, ``criterion``, ``merge`` and ``damping``. The pairing
+    criterion is the MTZ cost (``"hessian"``), the squared weight distance (``"euclidean"``,
+    i.e. H = I) or random; the merge is the Hessian-weighted optimum or the plain average.
+    Returns the summed cost ½ Σ_t (w_t − w̃)ᵀ H_t (w_t − w̃) of the ties made, measured with
+    the true Hessians whatever the criterion, so that baselines are comparable.
+    """
     state, consumer = states[index], states[index + 1]
     k_in = state.input_shared_units
+    damping = config["damping"]
 
     def shared_part(t):  # (k_in [+1], n_t): weights from shared inputs, bias as last row.
         rows = state.kernels[t][:k_in]
         return np.vstack([rows, state.biases[t][None]]) if state.use_bias else rows
 
     num_tasks = len(state.kernels)
+    eye = np.eye(hessians[0].shape[0])
     group_w, group_h = shared_part(0), hessians[0]
+    group_size = 1  # tasks in the group, for the plain average
     chosen = [np.zeros(0, dtype=np.int64)] * num_tasks
     total_cost = 0.0
     if k == 0:
         group_w = group_w[:, :0]
     for t in range(1, num_tasks if k > 0 else 1):
         w_t = shared_part(t)
-        costs = cost.merge_costs(group_w, w_t, group_h, hessians[t], damping).numpy()
-        rows, cols = matching_lib.match(costs, k if t == 1 else group_w.shape[1], matching_method)
+        if config["criterion"] == "random":
+            costs = rng.random((group_w.shape[1], w_t.shape[1]))
+        else:
+            h_g, h_t = (group_h, hessians[t]) if config["criterion"] == "hessian" else (eye, eye)
+            costs = cost.merge_costs(group_w, w_t, h_g, h_t, damping).numpy()
+        rows, cols = matching_lib.match(
+            costs, k if t == 1 else group_w.shape[1], config["matching"]
+        )
         if t == 1:
             chosen[0] = rows
             group_w = group_w[:, rows]
@@ -217,10 +242,15 @@ def _zip_layer(
             order = np.argsort(rows)
             rows, cols = rows[order], cols[order]
         chosen[t] = cols
-        total_cost += float(costs[rows, cols].sum())
-        group_w = cost.merged_weights([group_w, w_t[:, cols]], [group_h, hessians[t]], damping)
-        group_w = group_w.numpy()
-        group_h = group_h + hessians[t]
+        pair = [group_w, w_t[:, cols]]
+        if config["merge"] == "hessian":
+            merged = cost.merged_weights(pair, [group_h, hessians[t]], damping).numpy()
+        else:
+            merged = (group_size * pair[0] + pair[1]) / (group_size + 1)
+        total_cost += float(
+            tf.reduce_sum(cost.deviation_costs(pair, [group_h, hessians[t]], merged, damping))
+        )
+        group_w, group_h, group_size = merged, group_h + hessians[t], group_size + 1
 
     permutations = []
     for t in range(num_tasks):
@@ -291,10 +321,13 @@ def zip_models(
     calibration: Mapping[str, tf.data.Dataset],
     share=1.0,
     matching: str = "greedy",
+    criterion: str = "hessian",
+    merge: str = "hessian",
     retrain: Retrain | None = None,
     evaluation: Mapping[str, tf.data.Dataset] | None = None,
     checkpoint_dir: str | None = None,
     damping: float = cost.DEFAULT_DAMPING,
+    seed: int = 0,
     verbose: int = 1,
 ) -> tuple[keras.Model, ZipReport]:
     """Zips pre-trained models of the same architecture into one multi-task model.
@@ -308,12 +341,17 @@ def zip_models(
         share: fraction of every hidden layer to share (float), or per-layer counts or
             fractions as a list or {layer name: value} (see :func:`resolve_shares`).
         matching: ``"greedy"`` (the paper) or ``"optimal"`` (exact min-cost matching).
+        criterion: how pairs are chosen: ``"hessian"`` (MTZ merge cost, default),
+            ``"euclidean"`` (weight distance) or ``"random"`` (baselines).
+        merge: ``"hessian"`` (Hessian-weighted optimum, default) or ``"average"`` (plain
+            mean, a baseline).
         retrain: :class:`Retrain` settings for light joint retraining after each layer, or
             None for none.
         evaluation: {task: batched (x, y) dataset}; when given, the report has per-task
             accuracy of the originals and before/after each layer's retraining.
         checkpoint_dir: str or None; saves after every layer and resumes from there.
         damping: float, relative Hessian damping (:mod:`mtz_tf.cost`).
+        seed: int, seeds the random pairing of ``criterion="random"``.
         verbose: int, 0 silent, 1 one line per layer (plus Keras progress bars).
 
     Returns:
@@ -331,6 +369,10 @@ def zip_models(
         raise ValueError(
             f"`matching` must be one of {matching_lib.METHODS}. Received: matching={matching!r}"
         )
+    for value, allowed, flag in ((criterion, CRITERIA, "criterion"), (merge, MERGES, "merge")):
+        if value not in allowed:
+            raise ValueError(f"`{flag}` must be one of {allowed}. Received: {flag}={value!r}")
+    config = dict(matching=matching, criterion=criterion, merge=merge, damping=damping)
     plan = plans[task_names[0]]
     calibration = {
         t: _inputs_only(calibration[t], plan.input_shape, t, "calibration data") for t in task_names
@@ -348,9 +390,9 @@ def zip_models(
     hidden = plan.hidden_units
     widths = [min(plans[t].hidden_units[i].units for t in task_names) for i in range(len(hidden))]
     shares = resolve_shares(share, hidden, widths)
-    fingerprint = _fingerprint(models, shares, matching, damping)
+    fingerprint = _fingerprint(models, shares, config, seed)
 
-    report = ZipReport(tasks=task_names, matching=matching)
+    report = ZipReport(tasks=task_names, matching=matching, criterion=criterion, merge=merge)
     states = stack.separate_states(plans, models)
     start = 0
     if checkpoint_dir:
@@ -372,7 +414,9 @@ def zip_models(
         began = time.time()
         model = stack.build_model(plan, task_names, states)
         hessians = _layer_hessians(model, index, states, calibration)
-        merge_cost = _zip_layer(states, index, hessians, shares[index], matching, damping)
+        merge_cost = _zip_layer(
+            states, index, hessians, shares[index], config, np.random.default_rng([seed, index])
+        )
         model = stack.build_model(plan, task_names, states)
         layer_report = LayerReport(
             name=hidden[index].name,

@@ -245,3 +245,33 @@ def test_task_model_computes_one_task_exactly(lenet_a, lenet_b, calibration, fas
         assert max_abs_diff(single(x), zipped(x)[task]) < 1e-5
     with pytest.raises(ValueError, match="Unknown task 'c'"):
         mtz_tf.stack.task_model(zipped, "c")
+
+
+def test_baselines_cost_more_than_mtz(lenet_a, lenet_b, calibration, fashion):
+    # Different calibration data per task: with identical first-layer Hessians the
+    # Hessian-weighted merge would reduce to the plain average.
+    other = data.to_dataset(data.calibration_subset(fashion[0][::-1], 1000, seed=1), batch_size=250)
+    costs = {}
+    for criterion, merge in (
+        ("random", "average"),
+        ("euclidean", "average"),
+        ("hessian", "average"),
+        ("hessian", "hessian"),
+    ):
+        _, report = mtz_tf.zip_models(
+            {"a": lenet_a, "b": lenet_b},
+            {"a": calibration, "b": other},
+            share=[300, 0],
+            criterion=criterion,
+            merge=merge,
+            verbose=0,
+        )
+        costs[criterion, merge] = report.layers[0].merge_cost
+    # The Hessian-weighted merge is optimal for any pairing; MTZ pairing beats random.
+    assert costs["hessian", "hessian"] < costs["hessian", "average"]
+    assert costs["hessian", "hessian"] < costs["euclidean", "average"]
+    assert costs["euclidean", "average"] < costs["random", "average"]
+    with pytest.raises(ValueError, match="`criterion` must be one of"):
+        mtz_tf.zip_models(
+            {"a": lenet_a, "b": lenet_b}, {"a": calibration, "b": calibration}, criterion="cosine"
+        )
