@@ -229,3 +229,27 @@ def permute_hidden(model: keras.Model, seed: int) -> keras.Model:
         next_layer = permuted.get_layer(consumer.name)
         next_layer.kernel.assign(next_layer.kernel.numpy()[order, :])
     return permuted
+
+
+BUILDERS = {
+    "lenet300": lambda input_shape, classes, width, seed: lenet_300_100(input_shape, classes, seed),
+    "lenet5": lambda input_shape, classes, width, seed: lenet5(input_shape, classes, seed),
+    "vgg16": lambda input_shape, classes, width, seed: vgg16(input_shape, classes, width, seed),
+    "resnet20": lambda input_shape, classes, width, seed: resnet20(
+        input_shape, classes, width, seed
+    ),
+}
+"""Builders by name, all called as (input_shape, num_classes, width_multiplier, seed)."""
+
+
+def build(
+    name: str,
+    input_shape: tuple = (28, 28, 1),
+    num_classes: int = 10,
+    width_multiplier: float = 1.0,
+    seed: int | None = None,
+) -> keras.Model:
+    """Builds a model by name: one of :data:`BUILDERS`."""
+    if name not in BUILDERS:
+        raise ValueError(f"Unknown model {name!r}. Available: {sorted(BUILDERS)}")
+    return BUILDERS[name](input_shape, num_classes, width_multiplier, seed)

@@ -46,3 +46,38 @@ def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int =
     """Top-1 accuracy of a logits (or probabilities) model on ``(x, y)``."""
     logits = model.predict(x, batch_size=batch_size, verbose=0)
     return float(np.mean(np.argmax(logits, axis=-1) == y))
+
+
+def train_to_convergence(
+    model: keras.Model,
+    train: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray],
+    max_epochs: int = 40,
+    patience: int = 3,
+    batch_size: int = 128,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    verbose: int = 1,
+) -> int:
+    """Trains until validation accuracy stops improving; keeps the best epoch's weights.
+
+    Returns:
+        The training iterations (optimizer steps) up to and including the best epoch: what
+        training from scratch needed.
+    """
+    keras.utils.set_random_seed(seed)
+    compile_classifier(model, learning_rate)
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_accuracy", patience=patience, restore_best_weights=True, mode="max"
+    )
+    history = model.fit(
+        data.to_dataset(*train, batch_size=batch_size, shuffle=True, seed=seed),
+        epochs=max_epochs,
+        validation_data=data.to_dataset(*validation, batch_size=1000),
+        callbacks=[stop],
+        shuffle=False,
+        verbose=verbose,
+    )
+    best_epoch = int(np.argmax(history.history["val_accuracy"])) + 1
+    steps_per_epoch = -(-len(train[0]) // batch_size)
+    return best_epoch * steps_per_epoch

@@ -157,6 +157,34 @@ def resolve_shares(share, units: list[graph.DenseUnit], widths: list[int]) -> li
     return [count(share, i) for i in range(len(names))]
 
 
+def parse_share(text: str):
+    """Parses a command-line share: ``"1.0"`` (a fraction) or ``"fc1=200,fc2=0.5"``.
+
+    Values with a decimal point are fractions, others counts (:func:`resolve_shares`).
+    """
+
+    def number(value: str):
+        return float(value) if any(c in value for c in ".eE") else int(value)
+
+    text = text.strip()
+    if "=" not in text:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(
+                f"`share` must be a fraction like 0.5 or per-layer values like "
+                f"'fc1=200,fc2=0.5'. Received: {text!r}"
+            ) from None
+    result = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            result[name.strip()] = number(value.strip())
+        except ValueError:
+            raise ValueError(f"Cannot read share value {value!r} for layer {name!r}.") from None
+    return result
+
+
 def _fingerprint(models, shares, config: dict, seed: int) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps([list(models), shares, config, seed], sort_keys=True).encode())

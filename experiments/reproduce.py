@@ -1,0 +1,191 @@
+"""Regenerates the results tables in results/.
+
+    python experiments/reproduce.py --experiment=lenet300
+
+lenet300: the MTZ same-task experiment on Fashion-MNIST. Two LeNet-300-100 trained to
+convergence with different seeds, hidden units permuted, then both hidden layers fully
+zipped by (a) random pairing + plain average, (b) weight-distance matching + plain average
+(the reference code's fc shortcut), (c) MTZ greedy, (d) MTZ optimal; each without and with
+light joint retraining whose total budget is 1/20 of the iterations training one model from
+scratch needed. Writes results/lenet300_fashion_mnist.{json,md}.
+"""
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+import mtz_tf
+from mtz_tf import data, io_utils, models, training
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("experiment", "lenet300", ["lenet300"], "Which table to regenerate.")
+flags.DEFINE_string("results_dir", "results", "Where the JSON and Markdown tables go.")
+flags.DEFINE_string("data_dir", None, "Directory of Fashion-MNIST IDX files.")
+flags.DEFINE_integer("max_epochs", 40, "Epoch limit when training the input models.")
+flags.DEFINE_integer("patience", 3, "Early-stopping patience (epochs) on validation accuracy.")
+flags.DEFINE_integer("calibration_size", 5000, "Calibration samples per task.")
+flags.DEFINE_float(
+    "budget_fraction",
+    0.05,
+    "Total retraining iterations as a fraction of the "
+    "from-scratch training iterations (the paper's target: 1/20).",
+)
+flags.DEFINE_integer("retrain_batch_size", 128, "Samples per task per retraining iteration.")
+flags.DEFINE_float("retrain_learning_rate", 3e-4, "Adam learning rate of the retraining.")
+
+VARIANTS = (
+    ("(a) random pairing + average", dict(criterion="random", merge="average")),
+    ("(b) weight distance + average", dict(criterion="euclidean", merge="average")),
+    ("(c) MTZ greedy", dict(criterion="hessian", merge="hessian", matching="greedy")),
+    ("(d) MTZ optimal", dict(criterion="hessian", merge="hessian", matching="optimal")),
+)
+
+
+def same_task_experiment(build, name: str) -> dict:
+    """Runs the same-task zipping table for one architecture; returns the JSON record."""
+    splits = data.load_task("fashion_mnist", data_dir=FLAGS.data_dir)
+    tasks = ("model_a", "model_b")
+    originals, scratch_iterations = {}, []
+    for seed, task in enumerate(tasks, start=1):
+        logging.info("Training %s (seed %d) to convergence", task, seed)
+        model = build(seed)
+        scratch_iterations.append(
+            training.train_to_convergence(
+                model,
+                splits["train"],
+                splits["validation"],
+                FLAGS.max_epochs,
+                FLAGS.patience,
+                seed=seed,
+                verbose=2,
+            )
+        )
+        originals[task] = models.permute_hidden(model, seed=100 + seed)
+    x, y = splits["train"]
+    calibration = {
+        t: data.to_dataset(data.calibration_subset(x, FLAGS.calibration_size, seed=i), 500)
+        for i, t in enumerate(tasks)
+    }
+    split_sets = {
+        split: {t: data.to_dataset(*splits[split], batch_size=1000) for t in tasks}
+        for split in ("validation", "test")
+    }
+    hidden_layers = len(mtz_tf.graph.read_plan(originals[tasks[0]]).hidden_units)
+    budget = int(FLAGS.budget_fraction * min(scratch_iterations))
+    steps_per_layer = budget // hidden_layers
+
+    def retrain():
+        return mtz_tf.Retrain(
+            {
+                t: data.training_stream(x, y, FLAGS.retrain_batch_size, seed=10 + i)
+                for i, t in enumerate(tasks)
+            },
+            steps_per_layer=steps_per_layer,
+            optimizer=mtz_tf.retrain.adam(FLAGS.retrain_learning_rate),
+            verbose=0,
+        )
+
+    rows = []
+    for label, options in VARIANTS:
+        for retrained in (False, True):
+            began = time.time()
+            zipped, report = mtz_tf.zip_models(
+                originals,
+                calibration,
+                share=1.0,
+                retrain=retrain() if retrained else None,
+                evaluation=split_sets["validation"],
+                seed=0,
+                verbose=1,
+                **options,
+            )
+            test = mtz_tf.retrain.task_accuracies(zipped, split_sets["test"])
+            rows.append(
+                {
+                    "variant": label,
+                    "retrained": retrained,
+                    "options": options,
+                    "validation_error": {
+                        t: 1 - a
+                        for t, a in (
+                            report.layers[-1].accuracy_after_retraining
+                            or report.layers[-1].accuracy_before_retraining
+                        ).items()
+                    },
+                    "test_error": {t: 1 - a for t, a in test.items()},
+                    "merge_cost": [layer.merge_cost for layer in report.layers],
+                    "retrain_iterations": report.retrain_steps,
+                    "parameters": report.parameters,
+                    "seconds": time.time() - began,
+                }
+            )
+            logging.info("%s retrained=%s: test error %s", label, retrained, rows[-1]["test_error"])
+    original_test = {t: 1 - training.accuracy(originals[t], *splits["test"]) for t in tasks}
+    return {
+        "experiment": name,
+        "command": "python experiments/reproduce.py " + " ".join(sys.argv[1:]),
+        "scratch_iterations": scratch_iterations,
+        "retrain_budget": budget,
+        "steps_per_layer": steps_per_layer,
+        "original_test_error": original_test,
+        "rows": rows,
+    }
+
+
+def markdown(record: dict, title: str) -> str:
+    tasks = list(record["original_test_error"])
+    orig = record["original_test_error"]
+    lines = [
+        f"# {title}",
+        "",
+        "Regenerate with:",
+        "",
+        "```",
+        "make reproduce  # or: " + record["command"],
+        "```",
+        "",
+        "Test error (%) per task; Δ is the increase over that task's original model. "
+        "Parameters are the zipped model's, against the two input models together.",
+        "",
+        f"Original models: {', '.join(f'{t} {100 * orig[t]:.2f} %' for t in tasks)}; "
+        f"training from scratch took {record['scratch_iterations']} iterations (to the "
+        f"best validation epoch); retraining budget {record['retrain_budget']} iterations "
+        f"({record['steps_per_layer']} per layer, "
+        f"1/{round(min(record['scratch_iterations']) / max(record['retrain_budget'], 1))} "
+        "of from-scratch).",
+        "",
+        "| method | retraining | "
+        + " | ".join(f"{t} error (Δ)" for t in tasks)
+        + " | merge cost (per layer) | parameters | iterations |",
+        "|---|---|" + "---|" * len(tasks) + "---|---|---|",
+    ]
+    for row in record["rows"]:
+        errors = " | ".join(
+            f"{100 * row['test_error'][t]:.2f} ({100 * (row['test_error'][t] - orig[t]):+.2f})"
+            for t in tasks
+        )
+        p = row["parameters"]
+        lines.append(
+            f"| {row['variant']} | {'yes' if row['retrained'] else 'no'} | {errors} | "
+            f"{', '.join(f'{c:.3g}' for c in row['merge_cost'])} | "
+            f"{p['total']:,} / {p['input_models']:,} ({100 * p['ratio']:.1f} %) | "
+            f"{row['retrain_iterations']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    if FLAGS.experiment == "lenet300":
+        record = same_task_experiment(lambda seed: models.lenet_300_100(seed=seed), "lenet300")
+        stem = os.path.join(FLAGS.results_dir, "lenet300_fashion_mnist")
+        title = "MTZ same-task: two LeNet-300-100 on Fashion-MNIST, both hidden layers zipped"
+    io_utils.write_json(stem + ".json", record)
+    io_utils.write_text(stem + ".md", markdown(record, title))
+    print(markdown(record, title))
+
+
+if __name__ == "__main__":
+    app.run(main)
