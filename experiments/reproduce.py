@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+import keras
 from absl import app, flags, logging
 
 import mtz_tf
@@ -23,6 +24,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("experiment", "lenet300", ["lenet300"], "Which table to regenerate.")
 flags.DEFINE_string("results_dir", "results", "Where the JSON and Markdown tables go.")
 flags.DEFINE_string("data_dir", None, "Directory of Fashion-MNIST IDX files.")
+flags.DEFINE_string(
+    "model_dir",
+    "artifacts/reproduce",
+    "Trained input models are cached here and reused by later runs (delete them to retrain).",
+)
 flags.DEFINE_integer("max_epochs", 40, "Epoch limit when training the input models.")
 flags.DEFINE_integer("patience", 3, "Early-stopping patience (epochs) on validation accuracy.")
 flags.DEFINE_integer("calibration_size", 5000, "Calibration samples per task.")
@@ -65,7 +71,9 @@ def same_task_experiment(build, name: str) -> dict:
         originals[task] = models.permute_hidden(model, seed=100 + seed)
     x, y = splits["train"]
     calibration = {
-        t: data.to_dataset(data.calibration_subset(x, FLAGS.calibration_size, seed=i), 500)
+        t: data.to_dataset(
+            data.calibration_subset(x, FLAGS.calibration_size, seed=i), batch_size=500
+        )
         for i, t in enumerate(tasks)
     }
     split_sets = {
@@ -83,7 +91,7 @@ def same_task_experiment(build, name: str) -> dict:
                 for i, t in enumerate(tasks)
             },
             steps_per_layer=steps_per_layer,
-            optimizer=mtz_tf.retrain.adam(FLAGS.retrain_learning_rate),
+            optimizer=keras.optimizers.Adam(FLAGS.retrain_learning_rate),
             verbose=0,
         )
 

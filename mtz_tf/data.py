@@ -192,6 +192,7 @@ def calibration_subset(x: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
 def to_dataset(
     x: np.ndarray,
     y: np.ndarray | None = None,
+    *,
     batch_size: int = 128,
     shuffle: bool = False,
     seed: int = 0,

@@ -47,6 +47,12 @@ def write_json(path: str, value) -> None:
     write_text(path, json.dumps(value, indent=2) + "\n")
 
 
+def read_json(path: str):
+    """Reads a JSON file."""
+    with open(path) as f:
+        return json.load(f)
+
+
 def load_model(path: str) -> keras.Model:
     """Loads a ``.keras`` model, with an error that names a missing or wrong path."""
     if not os.path.isfile(path):

@@ -62,11 +62,6 @@ class Retrain:
         return keras.optimizers.get(self.optimizer)
 
 
-def adam(learning_rate: float = 1e-3) -> keras.optimizers.Optimizer:
-    """Adam with ``learning_rate``: a convenient ``Retrain.optimizer``."""
-    return keras.optimizers.Adam(learning_rate)
-
-
 def _default_loss(model: keras.Model, task: str) -> keras.losses.Loss:
     head = model.output[task]._keras_history.operation
     from_logits = getattr(head, "activation_name", "linear") != "softmax"
