@@ -1,7 +1,7 @@
 """Reads a Keras model into an ordered plan of zippable units.
 
 A *plan* is the model's layer chain, reduced to what zipping needs: the input shape, and a
-list of steps from input to output. A step is either a zippable :class:`DenseUnit` (a
+list of steps from input to output. A step is either a zippable :class:`Unit` (a
 ``Dense`` layer with the element-wise activation applied after it, wherever that activation
 lives) or a shape-only :class:`PassThrough` (``Flatten``, ``Dropout``). Every layer of the
 model is accounted for: anything the reader cannot represent exactly raises an error that
@@ -36,39 +36,56 @@ ELEMENTWISE_ACTIVATIONS = frozenset(
 )
 """Activations that act on each unit alone, so units can be permuted and merged freely."""
 
-_PASS_THROUGH_TYPES = ("Flatten", "Dropout")
+_PASS_THROUGH_TYPES = (
+    "Flatten",
+    "Dropout",
+    "MaxPooling2D",
+    "AveragePooling2D",
+    "GlobalAveragePooling2D",
+    "GlobalMaxPooling2D",
+)
+"""Weightless layers that act on each channel alone, so they commute with unit permutations."""
 
 
 @dataclasses.dataclass(frozen=True)
-class DenseUnit:
-    """A ``Dense`` layer and its activation: one zippable layer of neurons.
+class Unit:
+    """A ``Dense`` or ``Conv2D`` layer with its BatchNorm and activation: zippable neurons.
 
     Attributes:
-        name: str, the ``Dense`` layer's name in the source model.
-        units: int, number of neurons.
-        use_bias: bool, whether the layer has a bias.
-        activation: str, name of the element-wise activation applied to its output.
-    """
-
-    name: str
-    units: int
-    use_bias: bool
-    activation: str
-
-
-@dataclasses.dataclass(frozen=True)
-class PassThrough:
-    """A layer that moves values without weights: ``Flatten`` or ``Dropout``.
-
-    Attributes:
-        name: str, the layer's name in the source model.
-        kind: str, ``"Flatten"`` or ``"Dropout"``.
-        rate: float, the dropout rate (0 for ``Flatten``).
+        name: str, the weighted layer's name in the source model.
+        kind: str, ``"Dense"`` or ``"Conv2D"``.
+        units: int, number of neurons (units or filters).
+        use_bias: bool, whether the weighted layer has a bias.
+        activation: str, the element-wise activation applied after it (and after its BN).
+        batch_norm: str or None, the name of the ``BatchNormalization`` layer right after it.
+        conv: tuple or None, ``(kernel_size, strides, padding)`` of a ``Conv2D``.
+        input_group: int, rows of the kernel per input channel: H·W of the feature map a
+            ``Flatten`` turned into this Dense layer's input, else 1.
     """
 
     name: str
     kind: str
-    rate: float = 0.0
+    units: int
+    use_bias: bool
+    activation: str
+    batch_norm: str | None = None
+    conv: tuple | None = None
+    input_group: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PassThrough:
+    """A weightless layer between units (Flatten, Dropout, pooling).
+
+    Attributes:
+        name: str, the layer's name in the source model.
+        kind: str, its class name.
+        config: dict, its Keras config (to rebuild it).
+    """
+
+    name: str
+    kind: str
+    config: dict = dataclasses.field(default_factory=dict, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,28 +94,30 @@ class Plan:
 
     Attributes:
         input_shape: tuple, the model's input shape without the batch dimension.
-        steps: tuple of :class:`DenseUnit` / :class:`PassThrough`, input to output.
+        steps: tuple of :class:`Unit` / :class:`PassThrough`, input to output.
     """
 
     input_shape: tuple
     steps: tuple
 
     @property
-    def units(self) -> list[DenseUnit]:
+    def units(self) -> list[Unit]:
         """The zippable units in order; the last one is the output head."""
-        return [s for s in self.steps if isinstance(s, DenseUnit)]
+        return [s for s in self.steps if isinstance(s, Unit)]
 
     @property
-    def hidden_units(self) -> list[DenseUnit]:
+    def hidden_units(self) -> list[Unit]:
         """The units that may be zipped (all but the output head)."""
         return self.units[:-1]
 
     def signature(self) -> tuple:
-        """What two models must share to be zipped: input shape and step kinds."""
+        """What two models must share to be zipped: input shape, step kinds, layer shapes."""
         return (
             self.input_shape,
             tuple(
-                ("Dense", s.activation) if isinstance(s, DenseUnit) else (s.kind,)
+                (s.kind, s.activation, s.batch_norm is not None, s.conv, s.input_group)
+                if isinstance(s, Unit)
+                else (s.kind,)
                 for s in self.steps
             ),
         )
@@ -109,6 +128,44 @@ def _activation_name(activation) -> str:
     if isinstance(name, dict):
         name = name.get("config", {}).get("name") or name.get("class_name", repr(name))
     return str(name)
+
+
+def _unit(layer, steps: list) -> Unit:
+    """Builds the :class:`Unit` of a Dense or Conv2D layer, given the steps before it."""
+    activation = _activation_name(layer.activation)
+    if isinstance(layer, keras.layers.Dense):
+        input_shape = layer.input.shape
+        if len(input_shape) != 2:
+            raise ValueError(
+                f"Dense layer {layer.name!r} receives a {len(input_shape) - 1}-D input per "
+                "sample; flatten feature maps before Dense layers."
+            )
+        group = 1
+        flatten = [s for s in steps if isinstance(s, PassThrough) and s.kind == "Flatten"]
+        units_before = [s for s in steps if isinstance(s, Unit)]
+        if flatten and units_before and units_before[-1].kind == "Conv2D":
+            group = int(input_shape[-1]) // units_before[-1].units
+        return Unit(
+            layer.name,
+            "Dense",
+            int(layer.units),
+            bool(layer.use_bias),
+            activation,
+            input_group=group,
+        )
+    if any(isinstance(s, Unit) and s.kind == "Dense" for s in steps):
+        raise ValueError(f"Conv2D layer {layer.name!r} follows a Dense layer; not supported.")
+    if layer.groups != 1 or tuple(layer.dilation_rate) != (1, 1):
+        raise ValueError(
+            f"Conv2D layer {layer.name!r} uses groups={layer.groups} / dilation_rate="
+            f"{layer.dilation_rate}; only groups=1 without dilation is supported."
+        )
+    if layer.data_format != "channels_last":
+        raise ValueError(f"Conv2D layer {layer.name!r} must use data_format='channels_last'.")
+    conv = (tuple(layer.kernel_size), tuple(layer.strides), layer.padding)
+    return Unit(
+        layer.name, "Conv2D", int(layer.filters), bool(layer.use_bias), activation, conv=conv
+    )
 
 
 def _check_linear_chain(model: keras.Model, layers: list) -> None:
@@ -132,8 +189,9 @@ def read_plan(model: keras.Model) -> Plan:
     """Reads ``model`` into a :class:`Plan`.
 
     Args:
-        model: keras.Model, a Sequential or functional chain of ``Dense``, ``Flatten``,
-            ``Dropout``, ``Activation`` and ``ReLU`` layers, with one input and one output.
+        model: keras.Model, a Sequential or functional chain of ``Conv2D`` and ``Dense``
+            layers, each optionally followed by ``BatchNormalization`` and an activation,
+            with pooling, ``Flatten`` and ``Dropout`` between them; one input, one output.
 
     Returns:
         The model's :class:`Plan`.
@@ -158,15 +216,20 @@ def read_plan(model: keras.Model) -> Plan:
     steps: list = []
     for layer in layers:
         kind = type(layer).__name__
-        if isinstance(layer, keras.layers.Dense):
-            steps.append(
-                DenseUnit(
-                    name=layer.name,
-                    units=int(layer.units),
-                    use_bias=bool(layer.use_bias),
-                    activation=_activation_name(layer.activation),
+        last = steps[-1] if steps and isinstance(steps[-1], Unit) else None
+        if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
+            steps.append(_unit(layer, steps))
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            if last is None or last.batch_norm is not None or last.activation != "linear":
+                raise ValueError(
+                    f"BatchNormalization layer {layer.name!r} must directly follow a Dense or "
+                    "Conv2D layer that has no activation of its own (unit -> BN -> activation)."
                 )
-            )
+            if not layer.scale or not layer.center:
+                raise ValueError(
+                    f"BatchNormalization layer {layer.name!r} must have scale=True and center=True."
+                )
+            steps[-1] = dataclasses.replace(last, batch_norm=layer.name)
         elif isinstance(layer, (keras.layers.Activation, keras.layers.ReLU)):
             activation = (
                 _activation_name(layer.activation)
@@ -178,26 +241,26 @@ def read_plan(model: keras.Model) -> Plan:
             ):
                 raise ValueError(
                     f"Layer {layer.name!r} is a ReLU with max_value/negative_slope/threshold; "
-                    "only the plain ReLU layer is supported (use Dense(activation=...))."
+                    "only the plain ReLU layer is supported (use activation=... instead)."
                 )
-            if not steps or not isinstance(steps[-1], DenseUnit):
+            if last is None:
                 raise ValueError(
-                    f"Activation layer {layer.name!r} must follow a Dense layer directly."
+                    f"Activation layer {layer.name!r} must follow a Dense or Conv2D layer "
+                    "(or its BatchNormalization) directly."
                 )
-            if steps[-1].activation != "linear":
+            if last.activation != "linear":
                 raise ValueError(
-                    f"Activation layer {layer.name!r} follows Dense {steps[-1].name!r}, which "
-                    f"already applies {steps[-1].activation!r}; stacked activations are not "
-                    "supported."
+                    f"Activation layer {layer.name!r} follows {last.name!r}, which already "
+                    f"applies {last.activation!r}; stacked activations are not supported."
                 )
-            steps[-1] = dataclasses.replace(steps[-1], activation=activation)
+            steps[-1] = dataclasses.replace(last, activation=activation)
         elif kind in _PASS_THROUGH_TYPES:
-            rate = float(layer.rate) if kind == "Dropout" else 0.0
-            steps.append(PassThrough(name=layer.name, kind=kind, rate=rate))
+            steps.append(PassThrough(name=layer.name, kind=kind, config=layer.get_config()))
         else:
             raise ValueError(
-                f"Layer {layer.name!r} of type {kind} is not supported for Dense-network "
-                "zipping. Supported: Dense, Flatten, Dropout, Activation, ReLU."
+                f"Layer {layer.name!r} of type {kind} is not supported for zipping. "
+                "Supported: Dense, Conv2D (groups=1, no dilation), BatchNormalization, "
+                f"Activation, ReLU, {', '.join(_PASS_THROUGH_TYPES)}."
             )
     plan = Plan(input_shape=tuple(model.inputs[0].shape[1:]), steps=tuple(steps))
     units = plan.units
@@ -214,25 +277,26 @@ def read_plan(model: keras.Model) -> Plan:
             )
     seen_dense = False
     for step in plan.steps:
-        seen_dense = seen_dense or isinstance(step, DenseUnit)
-        if seen_dense and isinstance(step, PassThrough) and step.kind == "Flatten":
+        seen_dense = seen_dense or (isinstance(step, Unit) and step.kind == "Dense")
+        if seen_dense and isinstance(step, PassThrough) and step.kind != "Dropout":
             raise ValueError(
-                f"Flatten layer {step.name!r} comes after a Dense layer; only a Flatten "
-                "before the first Dense layer is supported."
+                f"Layer {step.name!r} ({step.kind}) comes after a Dense layer; only Dropout "
+                "may stand between Dense layers."
             )
     return plan
 
 
-def dense_weights(model: keras.Model, plan: Plan) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Copies of each unit's (kernel (d, n), bias (n,)) as float64; zeros for no bias."""
-    weights = []
-    for unit in plan.units:
-        layer = model.get_layer(unit.name)
-        kernel = np.array(layer.kernel.numpy(), dtype=np.float64)
-        bias = (
-            np.array(layer.bias.numpy(), dtype=np.float64)
-            if unit.use_bias
-            else np.zeros(unit.units)
+def unit_weights(model: keras.Model, unit: Unit) -> tuple:
+    """Float64 copies of a unit's (kernel, bias, norm): kernel (..., d, n), bias (n,) (zeros
+    without bias), norm (gamma, beta, moving_mean, moving_variance) or None."""
+    layer = model.get_layer(unit.name)
+    kernel = np.array(layer.kernel.numpy(), dtype=np.float64)
+    bias = np.array(layer.bias.numpy(), np.float64) if unit.use_bias else np.zeros(unit.units)
+    norm = None
+    if unit.batch_norm:
+        bn = model.get_layer(unit.batch_norm)
+        norm = tuple(
+            np.array(v.numpy(), dtype=np.float64)
+            for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)
         )
-        weights.append((kernel, bias))
-    return weights
+    return kernel, bias, norm

@@ -8,48 +8,27 @@ import keras
 from keras import ops
 
 
-@keras.saving.register_keras_serializable(package="mtz_tf")
-class ZippedDense(keras.layers.Layer):
-    """A dense layer of T tasks whose first ``shared_units`` neurons are shared by all.
+class _ZippedLayer(keras.layers.Layer):
+    """Shared machinery of :class:`ZippedDense` and :class:`ZippedConv2D`.
 
-    Task t's input x_t (batch, k_in + m_t) is laid out as [inputs at shared positions (k_in);
-    task t's specific inputs (m_t)]; its output is [shared neurons (k); specific (n_t − k)]:
+    Task t's input x_t is laid out along its last axis as [inputs at shared positions
+    (k_in); task t's specific inputs (m_t)]; its output as [shared neurons (k); its own
+    (n_t − k)]. With ∗ the layer's linear map (matmul or convolution):
 
-        shared_t   = act(x_t[:, :k_in] @ W_s + x_t[:, k_in:] @ W_{c,t} + b_s)
-        specific_t = act(x_t @ W_t + b_t)
-        output_t   = concat(shared_t, specific_t)
+        shared_t   = x_t[..., :k_in] ∗ W_s + x_t[..., k_in:] ∗ W_{c,t} + b_s
+        specific_t = x_t ∗ W_t + b_t
+        output_t   = act(BN_t(concat(shared_t, specific_t)))      (BN_t only with BN)
 
-    W_s (k_in, k) and b_s are shared (the merged weights); a shared neuron's weights from
-    task t's specific inputs W_{c,t} (m_t, k) stay task-specific (DESIGN.md, "Zipped
-    topology"). When every task receives the same tensor (``common_input``: the model input,
-    or a fully shared previous layer) the layer takes that one tensor, the shared neurons are
-    computed once, and if the layer is fully shared too (k = n_t for all t) it returns one
-    tensor; otherwise it returns a list of T tensors.
+    W_s, b_s are shared (the merged weights); a shared neuron's weights from task t's
+    specific inputs W_{c,t} stay task-specific (DESIGN.md, "Zipped topology"). When every
+    task receives the same tensor (``common_input``: the model input, or a fully shared
+    previous layer) the layer takes that one tensor and computes the shared neurons once; if
+    it is fully shared too (k = n_t for all t) and has no per-task BatchNorm, it returns
+    one tensor, else a list of T tensors.
 
-    Args:
-        task_names: list of str, the T tasks, in order.
-        units: list of int, n_t, each task's number of neurons (>= ``shared_units``).
-        shared_units: int, k, number of neurons shared by all tasks.
-        input_units: list of int, each task's input width k_in + m_t (all equal to the
-            common width when ``common_input``).
-        input_shared_units: int, k_in, number of leading input positions that are shared.
-        common_input: bool, whether all tasks receive one and the same input tensor.
-        activation: str, element-wise activation.
-        use_bias: bool, whether neurons have a bias.
-
-    Call arguments:
-        inputs: one tensor (batch, k_in) if ``common_input``, else a list of T tensors.
-
-    Returns:
-        One tensor (batch, k) if ``common_output``, else a list of T tensors (batch, n_t).
-
-    Example:
-        >>> layer = ZippedDense(["a", "b"], units=[4, 5], shared_units=3,
-        ...                     input_units=[8, 8], input_shared_units=8, common_input=True)
-        >>> outputs = layer(keras.ops.ones((2, 8)))  # [(2, 4), (2, 5)]
-
-    Reference: He, Zhou, Thiele, "Multi-Task Zipping via Layer-wise Neuron Sharing",
-    NeurIPS 2018.
+    A task with ``sharing[t] = False`` (one being added to an already zipped model, before
+    it reaches this layer) uses none of the shared neurons: output_t = act(BN_t(x_t ∗ W_t +
+    b_t)) with all n_t neurons its own.
     """
 
     def __init__(
@@ -62,9 +41,12 @@ class ZippedDense(keras.layers.Layer):
         common_input: bool,
         activation: str = "linear",
         use_bias: bool = True,
+        batch_norm: dict | None = None,
+        sharing: Sequence[bool] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.sharing = [True] * len(task_names) if sharing is None else [bool(s) for s in sharing]
         self.task_names = [str(t) for t in task_names]
         self.units = [int(n) for n in units]
         self.shared_units = int(shared_units)
@@ -74,13 +56,19 @@ class ZippedDense(keras.layers.Layer):
         self.activation = keras.activations.get(activation)
         self.activation_name = activation
         self.use_bias = bool(use_bias)
+        self.batch_norm = dict(batch_norm) if batch_norm else None
         num_tasks = len(self.task_names)
         if num_tasks < 1 or len(set(self.task_names)) != num_tasks:
             raise ValueError(f"`task_names` must be distinct and non-empty: {self.task_names}")
-        if len(self.units) != num_tasks or len(self.input_units) != num_tasks:
+        if (
+            len(self.units) != num_tasks
+            or len(self.input_units) != num_tasks
+            or len(self.sharing) != num_tasks
+        ):
             raise ValueError(
-                f"`units` and `input_units` need one entry per task ({num_tasks}). Received "
-                f"units={self.units}, input_units={self.input_units}"
+                f"`units`, `input_units` and `sharing` need one entry per task ({num_tasks}). "
+                f"Received units={self.units}, input_units={self.input_units}, "
+                f"sharing={self.sharing}"
             )
         if not 0 <= self.shared_units <= min(self.units):
             raise ValueError(
@@ -99,14 +87,31 @@ class ZippedDense(keras.layers.Layer):
                 f"input_shared_units={self.input_shared_units}"
             )
 
+    # Subclasses define the kernel's leading shape and the linear map.
+    kernel_prefix: tuple = ()
+
+    def _linear(self, x, kernel):
+        raise NotImplementedError
+
     @property
     def common_output(self) -> bool:
         """Whether all tasks get one and the same output tensor."""
-        return self.common_input and all(n == self.shared_units for n in self.units)
+        return (
+            self.common_input
+            and self.batch_norm is None
+            and all(self.sharing)
+            and all(n == self.shared_units for n in self.units)
+        )
+
+    def shared_count(self, t: int) -> int:
+        """Shared neurons that task ``t`` uses (k, or 0 while it does not share)."""
+        return self.shared_units if self.sharing[t] else 0
 
     def _weight(self, name, shape, initializer):
-        # Empty weights (nothing shared yet, or no specific neurons) are not trainable, so
-        # optimizers do not warn that they get no gradient.
+        # Kernels are given as (rows, columns) and get the kernel's leading shape; biases
+        # are 1-D. Empty weights (nothing shared yet, or no specific neurons) are not
+        # trainable, so optimizers do not warn that they get no gradient.
+        shape = self.kernel_prefix + tuple(shape) if len(shape) == 2 else tuple(shape)
         return self.add_weight(
             name=name, shape=shape, initializer=initializer, trainable=0 not in shape
         )
@@ -115,23 +120,28 @@ class ZippedDense(keras.layers.Layer):
         k, k_in = self.shared_units, self.input_shared_units
         self.shared_kernel = self._weight("shared_kernel", (k_in, k), "glorot_uniform")
         self.shared_bias = self._weight("shared_bias", (k,), "zeros") if self.use_bias else None
-        self.cross_kernels, self.task_kernels, self.task_biases = [], [], []
-        for name, n, width in zip(self.task_names, self.units, self.input_units):
+        self.cross_kernels, self.task_kernels, self.task_biases, self.norms = [], [], [], []
+        for t, (name, n, width) in enumerate(zip(self.task_names, self.units, self.input_units)):
+            k_t = self.shared_count(t)
             self.cross_kernels.append(
-                self._weight(f"{name}_cross_kernel", (width - k_in, k), "zeros")
+                self._weight(f"{name}_cross_kernel", (width - k_in, k_t), "zeros")
             )
             self.task_kernels.append(
-                self._weight(f"{name}_kernel", (width, n - k), "glorot_uniform")
+                self._weight(f"{name}_kernel", (width, n - k_t), "glorot_uniform")
             )
             self.task_biases.append(
-                self._weight(f"{name}_bias", (n - k,), "zeros") if self.use_bias else None
+                self._weight(f"{name}_bias", (n - k_t,), "zeros") if self.use_bias else None
             )
+            if self.batch_norm is not None:
+                norm = keras.layers.BatchNormalization(**self.batch_norm, name=f"{name}_bn")
+                norm.build((None,) * (len(self.kernel_prefix) + 1) + (n,))
+                self.norms.append(norm)
 
     def _affine(self, x, kernel, bias):
-        y = ops.matmul(x, kernel)
+        y = self._linear(x, kernel)
         return y if bias is None else y + bias
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         k, k_in = self.shared_units, self.input_shared_units
         per_task = [inputs] * len(self.task_names) if self.common_input else list(inputs)
         if len(per_task) != len(self.task_names):
@@ -140,30 +150,29 @@ class ZippedDense(keras.layers.Layer):
                 f"Received {len(per_task)}."
             )
         shared_common = (
-            self.activation(self._affine(inputs, self.shared_kernel, self.shared_bias))
-            if self.common_input
+            self._affine(inputs, self.shared_kernel, self.shared_bias)
+            if self.common_input and k > 0 and any(self.sharing)
             else None
         )
         if self.common_output:
-            return shared_common
+            return self.activation(shared_common)
         outputs = []
         for t, x in enumerate(per_task):
-            if shared_common is not None:
+            pieces = []  # [shared; own], skipping empty parts (convs reject 0 channels)
+            if self.shared_count(t):
                 shared = shared_common
-            else:
-                pre = ops.matmul(x[:, k_in:], self.cross_kernels[t])
-                shared = self.activation(
-                    self._affine(x[:, :k_in], self.shared_kernel, self.shared_bias) + pre
-                )
-            specific = self.activation(self._affine(x, self.task_kernels[t], self.task_biases[t]))
-            outputs.append(specific if k == 0 else ops.concatenate([shared, specific], axis=-1))
+                if shared is None:
+                    shared = self._affine(x[..., :k_in], self.shared_kernel, self.shared_bias)
+                    if self.input_units[t] > k_in:
+                        shared = shared + self._linear(x[..., k_in:], self.cross_kernels[t])
+                pieces.append(shared)
+            if self.units[t] > self.shared_count(t):
+                pieces.append(self._affine(x, self.task_kernels[t], self.task_biases[t]))
+            pre = pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=-1)
+            if self.norms:
+                pre = self.norms[t](pre, training=training)
+            outputs.append(self.activation(pre))
         return outputs
-
-    def compute_output_shape(self, input_shape):
-        batch = input_shape[0] if self.common_input else input_shape[0][0]
-        if self.common_output:
-            return (batch, self.shared_units)
-        return [(batch, n) for n in self.units]
 
     def get_config(self):
         config = super().get_config()
@@ -176,18 +185,22 @@ class ZippedDense(keras.layers.Layer):
             common_input=self.common_input,
             activation=self.activation_name,
             use_bias=self.use_bias,
+            batch_norm=self.batch_norm,
+            sharing=self.sharing,
         )
         return config
 
     def task_weights(self, task: str) -> tuple:
-        """Task ``task``'s view as one ordinary dense layer: (kernel (d_t, n_t), bias (n_t,)).
+        """Task ``task``'s view as one ordinary layer: (kernel (..., d_t, n_t), bias (n_t,)).
 
-        Columns are [shared neurons; the task's own], rows the task's input layout, so
-        ``act(x_t @ kernel + bias)`` equals this layer's output for the task.
+        Output channels are [shared neurons; the task's own], input rows the task's input
+        layout, so applying the plain layer to x_t gives this layer's pre-BN output.
         """
         t = self.task_names.index(task)
-        shared = ops.concatenate([self.shared_kernel, self.cross_kernels[t]], axis=0)
-        kernel = ops.concatenate([shared, self.task_kernels[t]], axis=1)
+        if not self.shared_count(t):
+            return self.task_kernels[t], self.task_biases[t]
+        shared = ops.concatenate([self.shared_kernel, self.cross_kernels[t]], axis=-2)
+        kernel = ops.concatenate([shared, self.task_kernels[t]], axis=-1)
         bias = (
             ops.concatenate([self.shared_bias, self.task_biases[t]], axis=0)
             if self.use_bias
@@ -195,25 +208,173 @@ class ZippedDense(keras.layers.Layer):
         )
         return kernel, bias
 
-    def task_layer(self, task: str) -> keras.layers.Dense:
-        """A built ``keras.layers.Dense`` computing only task ``task``'s output."""
+    def _plain_layer(self, units: int) -> keras.layers.Layer:
+        raise NotImplementedError
+
+    def task_layers(self, task: str) -> list[keras.layers.Layer]:
+        """Built plain Keras layers computing only task ``task``'s output, in call order."""
+        t = self.task_names.index(task)
         kernel, bias = self.task_weights(task)
-        layer = keras.layers.Dense(
-            self.units[self.task_names.index(task)],
-            activation=self.activation_name,
-            use_bias=self.use_bias,
-            name=self.name,
-        )
-        layer.build((None, kernel.shape[0]))
+        layer = self._plain_layer(self.units[t])
+        layer.build((None,) * (len(self.kernel_prefix) + 1) + (kernel.shape[-2],))
         layer.set_weights([kernel] if bias is None else [kernel, bias])
-        return layer
+        if not self.norms:
+            return [layer]
+        norm = keras.layers.BatchNormalization(**self.batch_norm, name=f"{self.name}_bn")
+        norm.build((None,) * (len(self.kernel_prefix) + 1) + (self.units[t],))
+        norm.set_weights(self.norms[t].get_weights())
+        return [layer, norm, keras.layers.Activation(self.activation_name, name=f"{self.name}_act")]
 
     def parameter_counts(self) -> tuple[int, int]:
-        """(shared, task-specific) parameter counts; shared ones are stored once."""
-        k, k_in = self.shared_units, self.input_shared_units
-        shared = k_in * k + (k if self.use_bias else 0)
+        """(shared, task-specific) parameter counts; shared ones are stored once.
+
+        Per-task BatchNorm parameters (γ, β, moving mean and variance) count as specific.
+        """
+
+        def size(v):
+            return 0 if v is None else int(ops.size(v))
+
+        shared = size(self.shared_kernel) + size(self.shared_bias)
         specific = sum(
-            (width - k_in) * k + width * (n - k) + ((n - k) if self.use_bias else 0)
-            for n, width in zip(self.units, self.input_units)
+            size(c) + size(k) + size(b)
+            for c, k, b in zip(self.cross_kernels, self.task_kernels, self.task_biases)
         )
+        specific += sum(sum(size(w) for w in norm.weights) for norm in self.norms)
         return shared, specific
+
+
+@keras.saving.register_keras_serializable(package="mtz_tf")
+class ZippedDense(_ZippedLayer):
+    """A dense layer of T tasks whose first ``shared_units`` neurons are shared by all.
+
+    See :class:`_ZippedLayer` for the computation. Kernels are (d, n).
+
+    Args:
+        task_names: list of str, the T tasks, in order.
+        units: list of int, n_t, each task's number of neurons (>= ``shared_units``).
+        shared_units: int, k, number of neurons shared by all tasks.
+        input_units: list of int, each task's input width k_in + m_t (all equal to the
+            common width when ``common_input``).
+        input_shared_units: int, k_in, number of leading input positions that are shared.
+        common_input: bool, whether all tasks receive one and the same input tensor.
+        activation: str, element-wise activation.
+        use_bias: bool, whether neurons have a bias.
+        batch_norm: dict or None, ``BatchNormalization`` arguments (epsilon, momentum) of a
+            per-task BatchNorm between the linear map and the activation.
+
+    Call arguments:
+        inputs: one tensor (batch, k_in) if ``common_input``, else a list of T tensors.
+        training: bool, for the per-task BatchNorm.
+
+    Returns:
+        One tensor (batch, k) if ``common_output``, else a list of T tensors (batch, n_t).
+
+    Example:
+        >>> layer = ZippedDense(["a", "b"], units=[4, 5], shared_units=3,
+        ...                     input_units=[8, 8], input_shared_units=8, common_input=True)
+        >>> outputs = layer(keras.ops.ones((2, 8)))  # [(2, 4), (2, 5)]
+
+    Reference: He, Zhou, Thiele, "Multi-Task Zipping via Layer-wise Neuron Sharing",
+    NeurIPS 2018.
+    """
+
+    def _linear(self, x, kernel):
+        return ops.matmul(x, kernel)
+
+    def _plain_layer(self, units):
+        return keras.layers.Dense(
+            units,
+            use_bias=self.use_bias,
+            name=self.name,
+            activation=None if self.norms else self.activation_name,
+        )
+
+    def compute_output_shape(self, input_shape):
+        batch = input_shape[0] if self.common_input else input_shape[0][0]
+        if self.common_output:
+            return (batch, self.shared_units)
+        return [(batch, n) for n in self.units]
+
+
+@keras.saving.register_keras_serializable(package="mtz_tf")
+class ZippedConv2D(_ZippedLayer):
+    """A 2-D convolution of T tasks whose first ``shared_units`` filters are shared by all.
+
+    See :class:`_ZippedLayer` for the computation (∗ is the convolution); kernels are
+    (kh, kw, c_in, n), inputs and outputs channels-last.
+
+    Args:
+        kernel_size: (kh, kw).
+        strides: (sh, sw).
+        padding: ``"valid"`` or ``"same"``.
+        Other arguments as :class:`ZippedDense`, counted in channels.
+
+    Example:
+        >>> layer = ZippedConv2D(["a", "b"], units=[4, 4], shared_units=4, input_units=[3, 3],
+        ...                      input_shared_units=3, common_input=True, kernel_size=(3, 3))
+        >>> y = layer(keras.ops.ones((2, 8, 8, 3)))  # one (2, 6, 6, 4) tensor: fully shared
+
+    Reference: He, Zhou, Thiele, "Multi-Task Zipping via Layer-wise Neuron Sharing",
+    NeurIPS 2018.
+    """
+
+    def __init__(self, *args, kernel_size=(3, 3), strides=(1, 1), padding="valid", **kwargs):
+        if str(padding).lower() not in ("valid", "same"):
+            raise ValueError(f"`padding` must be 'valid' or 'same'. Received: {padding!r}")
+        super().__init__(*args, **kwargs)
+        self.kernel_size = tuple(int(k) for k in kernel_size)
+        self.strides = tuple(int(s) for s in strides)
+        self.padding = str(padding).lower()
+        self.kernel_prefix = self.kernel_size
+
+    def _linear(self, x, kernel):
+        return ops.conv(x, kernel, strides=self.strides, padding=self.padding)
+
+    def _plain_layer(self, units):
+        return keras.layers.Conv2D(
+            units,
+            self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            use_bias=self.use_bias,
+            name=self.name,
+            activation=None if self.norms else self.activation_name,
+        )
+
+    def compute_output_shape(self, input_shape):
+        shape = input_shape if self.common_input else input_shape[0]
+        spatial = []
+        for size, k, s in zip(shape[1:3], self.kernel_size, self.strides):
+            if size is None:
+                spatial.append(None)
+            elif self.padding == "same":
+                spatial.append(-(-size // s))
+            else:
+                spatial.append((size - k) // s + 1)
+        if self.common_output:
+            return (shape[0], *spatial, self.shared_units)
+        return [(shape[0], *spatial, n) for n in self.units]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(kernel_size=self.kernel_size, strides=self.strides, padding=self.padding)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="mtz_tf")
+class ChannelMajorFlatten(keras.layers.Layer):
+    """Flattens (batch, H, W, C) in channel-major order (c, h, w) -> (batch, C·H·W).
+
+    Zipped models flatten this way so that the features of the shared channels form a
+    prefix of the flat vector, as the next :class:`ZippedDense` requires.
+    """
+
+    def call(self, inputs):
+        x = ops.transpose(inputs, (0, 3, 1, 2))
+        return ops.reshape(x, (ops.shape(x)[0], -1))
+
+    def compute_output_shape(self, input_shape):
+        size = 1
+        for dim in input_shape[1:]:
+            size = None if dim is None or size is None else size * dim
+        return (input_shape[0], size)

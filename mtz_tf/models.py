@@ -209,11 +209,11 @@ def resnet20(
 def permute_hidden(model: keras.Model, seed: int) -> keras.Model:
     """Returns a new model computing the same function with hidden units randomly permuted.
 
-    Every hidden ``Dense`` layer's units are reordered by a seeded random permutation p:
-    kernel columns and bias entries move to ``[:, p]`` and ``[p]``, and the next layer's
-    kernel rows to ``[p, :]``, so outputs are unchanged up to float rounding. MTZ experiments
-    do this after training so that zipping cannot rely on index order. ``model`` is not
-    modified.
+    Every hidden unit's neurons (Dense units or Conv2D filters) are reordered by a seeded
+    random permutation p: kernel columns, bias and BatchNorm parameters move to index p,
+    and the next unit's kernel input rows (channels; each channel's block of rows after a
+    Flatten) follow, so outputs are unchanged up to float rounding. MTZ experiments do this
+    after training so that zipping cannot rely on index order. ``model`` is not modified.
     """
     plan = graph.read_plan(model)
     rng = np.random.default_rng(seed)
@@ -223,11 +223,21 @@ def permute_hidden(model: keras.Model, seed: int) -> keras.Model:
     for unit, consumer in zip(units[:-1], units[1:]):
         order = rng.permutation(unit.units)
         layer = permuted.get_layer(unit.name)
-        layer.kernel.assign(layer.kernel.numpy()[:, order])
+        layer.kernel.assign(layer.kernel.numpy()[..., order])
         if unit.use_bias:
             layer.bias.assign(layer.bias.numpy()[order])
+        if unit.batch_norm:
+            bn = permuted.get_layer(unit.batch_norm)
+            for variable in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance):
+                variable.assign(variable.numpy()[order])
         next_layer = permuted.get_layer(consumer.name)
-        next_layer.kernel.assign(next_layer.kernel.numpy()[order, :])
+        kernel = next_layer.kernel.numpy()
+        if consumer.input_group > 1:  # Flatten order (h, w, c): permute c in every block
+            n = kernel.shape[-1]
+            kernel = kernel.reshape(consumer.input_group, unit.units, n)[:, order, :]
+            next_layer.kernel.assign(kernel.reshape(-1, n))
+        else:
+            next_layer.kernel.assign(kernel[..., order, :])
     return permuted
 
 

@@ -1,9 +1,15 @@
 """The zipped network as plain arrays, and its conversion to and from a Keras model.
 
-A zipped network of T tasks is the plan's chain of steps in which every Dense unit is a
-:class:`~mtz_tf.layers.ZippedDense` described by a :class:`LayerState`. A layer that has
-not been zipped (yet) is a ``ZippedDense`` with ``shared_units = 0``, so the T input models
-side by side are the stack with nothing shared, and the output heads stay that way.
+A zipped network of T tasks is the plan's chain of steps in which every unit is a
+:class:`~mtz_tf.layers.ZippedDense` or :class:`~mtz_tf.layers.ZippedConv2D` described by a
+:class:`LayerState`. A layer that has not been zipped (yet) has ``shared_units = 0``, so the
+T input models side by side are the stack with nothing shared; output heads stay that way.
+
+Kernels keep Keras' layout, (d, n) for Dense and (kh, kw, c_in, n) for Conv2D: axis −2
+indexes inputs, axis −1 neurons. A Dense layer fed by a flattened feature map of H·W
+positions has its input rows in channel-major order (c, h, w), H·W rows per channel
+(``input_group``), because zipped models flatten channel-major (ChannelMajorFlatten) so that
+shared channels form a prefix.
 """
 
 from __future__ import annotations
@@ -15,30 +21,44 @@ import numpy as np
 import tensorflow as tf
 
 from mtz_tf import graph
-from mtz_tf.layers import ZippedDense
+from mtz_tf.layers import ChannelMajorFlatten, ZippedConv2D, ZippedDense, _ZippedLayer
+
+BATCH_NORM_MODES = ("task", "fold")
 
 
 @dataclasses.dataclass
 class LayerState:
-    """Weights and layout of one ``ZippedDense`` layer, as float64 NumPy arrays.
+    """Weights and layout of one zipped layer, as float64 NumPy arrays.
 
     Attributes:
         name: str, layer name (the first task's source layer name).
+        kind: str, ``"Dense"`` or ``"Conv2D"``.
+        conv: tuple or None, ``(kernel_size, strides, padding)``.
         activation: str, element-wise activation.
         use_bias: bool.
+        batch_norm: dict or None, per-task BatchNorm arguments (epsilon, momentum).
+        input_group: int, input rows per input channel (H·W after a Flatten, else 1).
         shared_units: int, k.
-        input_shared_units: int, k_in.
+        input_shared_units: int, k_in, shared input rows (channels · input_group).
         common_input: bool, whether all tasks receive the same input tensor.
-        shared_kernel: (k_in, k) merged weights from shared inputs.
+        shared_kernel: (..., k_in, k) merged weights from shared inputs.
         shared_bias: (k,) merged bias (zeros without bias).
-        cross_kernels: per task (m_t, k), weights from specific inputs to shared neurons.
-        kernels: per task (k_in + m_t, n_t − k), weights of the task's specific neurons.
+        cross_kernels: per task (..., m_t, k), weights from specific inputs to shared neurons.
+        kernels: per task (..., k_in + m_t, n_t − k), weights of the task's own neurons.
         biases: per task (n_t − k,).
+        norms: per task (gamma, beta, moving_mean, moving_variance), each (n_t,) in output
+            order [shared; own], or an empty list without BatchNorm.
+        sharing: per task bool, whether it uses the shared neurons (False only for a task
+            being added to a zipped model, before it reaches this layer).
     """
 
     name: str
+    kind: str
+    conv: tuple | None
     activation: str
     use_bias: bool
+    batch_norm: dict | None
+    input_group: int
     shared_units: int
     input_shared_units: int
     common_input: bool
@@ -47,51 +67,112 @@ class LayerState:
     cross_kernels: list
     kernels: list
     biases: list
+    norms: list
+    sharing: list
 
     @property
     def units(self) -> list[int]:
-        return [self.shared_units + k.shape[1] for k in self.kernels]
+        return [
+            (self.shared_units if s else 0) + k.shape[-1]
+            for s, k in zip(self.sharing, self.kernels)
+        ]
 
     @property
     def input_units(self) -> list[int]:
-        return [k.shape[0] for k in self.kernels]
+        return [k.shape[-2] for k in self.kernels]
 
     @property
     def common_output(self) -> bool:
-        return self.common_input and all(n == self.shared_units for n in self.units)
+        return (
+            self.common_input
+            and self.batch_norm is None
+            and all(self.sharing)
+            and all(n == self.shared_units for n in self.units)
+        )
+
+    @property
+    def kernel_prefix(self) -> tuple:
+        return tuple(self.conv[0]) if self.conv else ()
 
 
-def separate_states(plans: dict, models: dict) -> list[LayerState]:
-    """The stack of T separate models: one unshared :class:`LayerState` per Dense unit."""
+def fold_batch_norm(kernel, bias, norm, epsilon: float):
+    """Folds BN(z) = γ (z − μ)/√(σ² + ε) + β into the preceding layer's kernel and bias.
+
+    With s = γ/√(σ² + ε): kernel' = kernel · s (per output neuron), bias' = (bias − μ)·s + β.
+    Exact at inference. A channel with γ = 0 becomes the constant β (zero kernel).
+    """
+    gamma, beta, mean, variance = norm
+    scale = gamma / np.sqrt(variance + epsilon)
+    return kernel * scale, (bias - mean) * scale + beta
+
+
+def _channel_major_rows(kernel: np.ndarray, group: int) -> np.ndarray:
+    """(H·W·C, n) rows in Keras' (h, w, c) Flatten order -> channel-major (c, h, w) order."""
+    rows, n = kernel.shape
+    channels = rows // group
+    return kernel.reshape(group, channels, n).transpose(1, 0, 2).reshape(rows, n)
+
+
+def separate_states(plans: dict, models: dict, batch_norm: str = "task") -> list[LayerState]:
+    """The stack of T separate models: one unshared :class:`LayerState` per unit.
+
+    ``batch_norm="fold"`` folds every unit's BatchNorm into its weights first.
+    """
+    if batch_norm not in BATCH_NORM_MODES:
+        raise ValueError(
+            f"`batch_norm` must be one of {BATCH_NORM_MODES}. Received: {batch_norm!r}"
+        )
     task_names = list(models)
-    weights = {t: graph.dense_weights(models[t], plans[t]) for t in task_names}
+    first_model = models[task_names[0]]
     first = plans[task_names[0]]
     states = []
     for index, unit in enumerate(first.units):
-        kernels = [weights[t][index][0] for t in task_names]
-        biases = [weights[t][index][1] for t in task_names]
+        kernels, biases, norms = [], [], []
+        bn_args = None
+        if unit.batch_norm:
+            bn = first_model.get_layer(unit.batch_norm)
+            bn_args = {"epsilon": float(bn.epsilon), "momentum": float(bn.momentum)}
+        for t in task_names:
+            kernel, bias, norm = graph.unit_weights(models[t], plans[t].units[index])
+            if unit.input_group > 1:
+                kernel = _channel_major_rows(kernel, unit.input_group)
+            if norm is not None and batch_norm == "fold":
+                eps = float(models[t].get_layer(plans[t].units[index].batch_norm).epsilon)
+                kernel, bias = fold_batch_norm(kernel, bias, norm, eps)
+            elif norm is not None:
+                norms.append(norm)
+            kernels.append(kernel)
+            biases.append(bias)
+        folded = unit.batch_norm is not None and batch_norm == "fold"
         common = index == 0
-        k_in = kernels[0].shape[0] if common else 0
+        k_in = kernels[0].shape[-2] if common else 0
+        prefix = kernels[0].shape[:-2]
         states.append(
             LayerState(
                 name=unit.name,
+                kind=unit.kind,
+                conv=unit.conv,
                 activation=unit.activation,
-                use_bias=unit.use_bias,
+                use_bias=unit.use_bias or folded,
+                batch_norm=None if folded else bn_args,
+                input_group=unit.input_group,
                 shared_units=0,
                 input_shared_units=k_in,
                 common_input=common,
-                shared_kernel=np.zeros((k_in, 0)),
+                shared_kernel=np.zeros(prefix + (k_in, 0)),
                 shared_bias=np.zeros(0),
-                cross_kernels=[np.zeros((k.shape[0] - k_in, 0)) for k in kernels],
+                cross_kernels=[np.zeros(prefix + (k.shape[-2] - k_in, 0)) for k in kernels],
                 kernels=kernels,
                 biases=biases,
+                norms=norms,
+                sharing=[True] * len(task_names),
             )
         )
     return states
 
 
-def _layer(state: LayerState, task_names: list[str]) -> ZippedDense:
-    return ZippedDense(
+def _layer(state: LayerState, task_names: list[str]) -> _ZippedLayer:
+    args = dict(
         task_names=task_names,
         units=state.units,
         shared_units=state.shared_units,
@@ -100,33 +181,50 @@ def _layer(state: LayerState, task_names: list[str]) -> ZippedDense:
         common_input=state.common_input,
         activation=state.activation,
         use_bias=state.use_bias,
+        batch_norm=state.batch_norm,
+        sharing=state.sharing,
         name=state.name,
     )
+    if state.kind == "Conv2D":
+        kernel_size, strides, padding = state.conv
+        return ZippedConv2D(kernel_size=kernel_size, strides=strides, padding=padding, **args)
+    return ZippedDense(**args)
 
 
-def set_layer_weights(layer: ZippedDense, state: LayerState) -> None:
-    """Assigns a :class:`LayerState`'s arrays to a built ``ZippedDense``."""
+def set_layer_weights(layer: _ZippedLayer, state: LayerState) -> None:
+    """Assigns a :class:`LayerState`'s arrays to a built zipped layer."""
     pairs = [(layer.shared_kernel, state.shared_kernel)]
     pairs += list(zip(layer.cross_kernels, state.cross_kernels))
     pairs += list(zip(layer.task_kernels, state.kernels))
     if state.use_bias:
         pairs.append((layer.shared_bias, state.shared_bias))
         pairs += list(zip(layer.task_biases, state.biases))
+    for norm, values in zip(layer.norms, state.norms):
+        pairs += list(zip((norm.gamma, norm.beta, norm.moving_mean, norm.moving_variance), values))
     for variable, value in pairs:
         variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
-def read_layer_state(layer: ZippedDense) -> LayerState:
-    """The :class:`LayerState` of a built ``ZippedDense`` (float64 copies)."""
+def read_layer_state(layer: _ZippedLayer, input_group: int = 1) -> LayerState:
+    """The :class:`LayerState` of a built zipped layer (float64 copies)."""
 
     def arr(v):
         return np.array(v.numpy(), dtype=np.float64)
 
     k = layer.shared_units
+    conv = (
+        (layer.kernel_size, layer.strides, layer.padding)
+        if isinstance(layer, ZippedConv2D)
+        else None
+    )
     return LayerState(
         name=layer.name,
+        kind="Conv2D" if conv else "Dense",
+        conv=conv,
         activation=layer.activation_name,
         use_bias=layer.use_bias,
+        batch_norm=layer.batch_norm,
+        input_group=input_group,
         shared_units=k,
         input_shared_units=layer.input_shared_units,
         common_input=layer.common_input,
@@ -135,10 +233,21 @@ def read_layer_state(layer: ZippedDense) -> LayerState:
         cross_kernels=[arr(v) for v in layer.cross_kernels],
         kernels=[arr(v) for v in layer.task_kernels],
         biases=[
-            arr(v) if layer.use_bias else np.zeros(kernel.shape[1])
+            arr(v) if layer.use_bias else np.zeros(kernel.shape[-1])
             for v, kernel in zip(layer.task_biases, layer.task_kernels)
         ],
+        norms=[
+            tuple(arr(v) for v in (n.gamma, n.beta, n.moving_mean, n.moving_variance))
+            for n in layer.norms
+        ],
+        sharing=list(layer.sharing),
     )
+
+
+def _pass_through(step: graph.PassThrough, after_conv: bool) -> keras.layers.Layer:
+    if step.kind == "Flatten" and after_conv:
+        return ChannelMajorFlatten(name=step.name)
+    return getattr(keras.layers, step.kind).from_config(step.config)
 
 
 def build_model(
@@ -154,19 +263,17 @@ def build_model(
         x = inputs  # One tensor while all tasks share it, else a list of T tensors.
         layers = []
         state_iter = iter(states)
+        after_conv = False
         for step in plan.steps:
             if isinstance(step, graph.PassThrough):
-                layer = (
-                    keras.layers.Flatten(name=step.name)
-                    if step.kind == "Flatten"
-                    else keras.layers.Dropout(step.rate, name=step.name)
-                )
+                layer = _pass_through(step, after_conv)
                 x = [layer(v) for v in x] if isinstance(x, list) else layer(x)
                 continue
             state = next(state_iter)
             layer = _layer(state, task_names)
             x = layer(x)
             layers.append((layer, state))
+            after_conv = state.kind == "Conv2D"
         outputs = x if isinstance(x, list) else [x] * len(task_names)
         model = keras.Model(inputs, dict(zip(task_names, outputs)), name=name)
     for layer, state in layers:
@@ -174,14 +281,17 @@ def build_model(
     return model
 
 
-def zipped_layers(model: keras.Model) -> list[ZippedDense]:
-    """The ``ZippedDense`` layers of a zipped model, input to output."""
-    return [layer for layer in model.layers if isinstance(layer, ZippedDense)]
+def zipped_layers(model: keras.Model) -> list[_ZippedLayer]:
+    """The zipped layers of a zipped model, input to output."""
+    return [layer for layer in model.layers if isinstance(layer, _ZippedLayer)]
 
 
-def read_states(model: keras.Model) -> list[LayerState]:
-    """The :class:`LayerState` of every ``ZippedDense`` layer of a zipped model."""
-    return [read_layer_state(layer) for layer in zipped_layers(model)]
+def read_states(model: keras.Model, plan: graph.Plan) -> list[LayerState]:
+    """The :class:`LayerState` of every zipped layer of a model built from ``plan``."""
+    return [
+        read_layer_state(layer, unit.input_group)
+        for layer, unit in zip(zipped_layers(model), plan.units)
+    ]
 
 
 def parameter_counts(model: keras.Model) -> dict[str, int]:
@@ -197,9 +307,9 @@ def parameter_counts(model: keras.Model) -> dict[str, int]:
 def task_model(zipped: keras.Model, task: str) -> keras.Model:
     """A plain Keras model computing only ``task``'s output of a zipped model.
 
-    Each ``ZippedDense`` becomes an ordinary ``Dense`` layer holding the task's view of
-    its weights (shared columns first); other layers are copied from their configs. The
-    result computes exactly ``zipped(x)[task]`` and nothing for the other tasks.
+    Each zipped layer becomes the ordinary layer(s) holding the task's view of its weights
+    (shared units first); other layers are copied from their configs. The result computes
+    exactly ``zipped(x)[task]`` and nothing for the other tasks.
     """
     tasks = list(zipped.output)
     if task not in tasks:
@@ -208,8 +318,9 @@ def task_model(zipped: keras.Model, task: str) -> keras.Model:
     for layer in zipped.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
-        if isinstance(layer, ZippedDense):
-            x = layer.task_layer(task)(x)
+        if isinstance(layer, _ZippedLayer):
+            for plain in layer.task_layers(task):
+                x = plain(x)
         else:
             x = layer.__class__.from_config(layer.get_config())(x)
     return keras.Model(inputs, x, name=f"{zipped.name}_{task}")

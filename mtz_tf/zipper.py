@@ -31,8 +31,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import cost, graph, hessian, stack
+from mtz_tf import cost, graph, layer_zip, stack
 from mtz_tf import matching as matching_lib
+from mtz_tf.layer_zip import CRITERIA, HESSIAN_MODES, MERGES
 from mtz_tf.report import LayerReport, ZipReport
 from mtz_tf.retrain import Retrain, retrain_jointly, task_accuracies
 
@@ -103,7 +104,7 @@ def _inputs_only(dataset, input_shape: tuple, task: str, what: str) -> tf.data.D
     return dataset
 
 
-def resolve_shares(share, units: list[graph.DenseUnit], widths: list[int]) -> list[int]:
+def resolve_shares(share, units: list[graph.Unit], widths: list[int]) -> list[int]:
     """Per-hidden-layer shared counts from ``share``.
 
     ``share`` is a fraction for every layer (float in [0, 1]); a list with one count (int) or
@@ -194,119 +195,6 @@ def _fingerprint(models, shares, config: dict, seed: int) -> str:
     return digest.hexdigest()
 
 
-def _layer_hessians(
-    model: keras.Model, index: int, states: list, calibration: dict
-) -> list[tf.Tensor]:
-    """Each task's Hessian of layer ``index``'s inputs at shared positions (+ bias)."""
-    layer = stack.zipped_layers(model)[index]
-    feature_model = keras.Model(model.input, layer.input)
-    state = states[index]
-    k_in = state.input_shared_units
-    result = []
-    for t, (task, dataset) in enumerate(calibration.items()):
-
-        def features(batch, t=t):
-            x = feature_model(batch, training=False)
-            x = x if state.common_input else x[t]
-            return x[:, :k_in]
-
-        h, _ = hessian.input_hessian(
-            features, dataset, append_bias=state.use_bias, description=f"calibration of {task!r}"
-        )
-        result.append(h)
-    return result
-
-
-CRITERIA = ("hessian", "euclidean", "random")
-MERGES = ("hessian", "average")
-
-
-def _zip_layer(
-    states: list,
-    index: int,
-    hessians: list,
-    k: int,
-    config: dict,
-    rng: np.random.Generator,
-) -> float:
-    """Ties k neurons of layer ``index`` across all tasks, in place.
-
-    ``config`` holds ``matching``, ``criterion``, ``merge`` and ``damping``. The pairing
-    criterion is the MTZ cost (``"hessian"``), the squared weight distance (``"euclidean"``,
-    i.e. H = I) or random; the merge is the Hessian-weighted optimum or the plain average.
-    Returns the summed cost ½ Σ_t (w_t − w̃)ᵀ H_t (w_t − w̃) of the ties made, measured with
-    the true Hessians whatever the criterion, so that baselines are comparable.
-    """
-    state, consumer = states[index], states[index + 1]
-    k_in = state.input_shared_units
-    damping = config["damping"]
-
-    def shared_part(t):  # (k_in [+1], n_t): weights from shared inputs, bias as last row.
-        rows = state.kernels[t][:k_in]
-        return np.vstack([rows, state.biases[t][None]]) if state.use_bias else rows
-
-    num_tasks = len(state.kernels)
-    eye = np.eye(hessians[0].shape[0])
-    group_w, group_h = shared_part(0), hessians[0]
-    group_size = 1  # tasks in the group, for the plain average
-    chosen = [np.zeros(0, dtype=np.int64)] * num_tasks
-    total_cost = 0.0
-    if k == 0:
-        group_w = group_w[:, :0]
-    for t in range(1, num_tasks if k > 0 else 1):
-        w_t = shared_part(t)
-        if config["criterion"] == "random":
-            costs = rng.random((group_w.shape[1], w_t.shape[1]))
-        else:
-            h_g, h_t = (group_h, hessians[t]) if config["criterion"] == "hessian" else (eye, eye)
-            costs = cost.merge_costs(group_w, w_t, h_g, h_t, damping).numpy()
-        rows, cols = matching_lib.match(
-            costs, k if t == 1 else group_w.shape[1], config["matching"]
-        )
-        if t == 1:
-            chosen[0] = rows
-            group_w = group_w[:, rows]
-        else:  # The group's shared neurons keep their order; reorder the newcomer's.
-            order = np.argsort(rows)
-            rows, cols = rows[order], cols[order]
-        chosen[t] = cols
-        pair = [group_w, w_t[:, cols]]
-        if config["merge"] == "hessian":
-            merged = cost.merged_weights(pair, [group_h, hessians[t]], damping).numpy()
-        else:
-            merged = (group_size * pair[0] + pair[1]) / (group_size + 1)
-        total_cost += float(
-            tf.reduce_sum(cost.deviation_costs(pair, [group_h, hessians[t]], merged, damping))
-        )
-        group_w, group_h, group_size = merged, group_h + hessians[t], group_size + 1
-
-    permutations = []
-    for t in range(num_tasks):
-        n_t = state.kernels[t].shape[1]
-        rest = np.setdiff1d(np.arange(n_t), chosen[t])  # ascending: original order kept
-        permutations.append(np.concatenate([chosen[t], rest]))
-        state.cross_kernels[t] = np.hstack(
-            [state.cross_kernels[t], state.kernels[t][k_in:, chosen[t]]]
-        )
-        state.kernels[t] = state.kernels[t][:, rest]
-        state.biases[t] = state.biases[t][rest]
-    state.shared_kernel = np.hstack([state.shared_kernel, group_w[:k_in]])
-    state.shared_bias = np.concatenate(
-        [state.shared_bias, group_w[k_in] if state.use_bias else np.zeros(k)]
-    )
-    state.shared_units += k
-
-    # The consumer's input rows follow each task's new output order [shared; specific].
-    for t in range(num_tasks):
-        consumer.kernels[t] = consumer.kernels[t][permutations[t]]
-        m_t = consumer.kernels[t].shape[0] - state.shared_units
-        consumer.cross_kernels[t] = np.zeros((m_t, consumer.shared_units))
-    consumer.input_shared_units = state.shared_units
-    consumer.shared_kernel = np.zeros((state.shared_units, consumer.shared_units))
-    consumer.common_input = state.common_output
-    return total_cost
-
-
 def _write_checkpoint(directory: str, model: keras.Model, progress: dict) -> None:
     """Writes the model and progress atomically: a temp dir, then rename over the old one."""
     parent = os.path.dirname(os.path.abspath(directory))
@@ -344,6 +232,97 @@ def _read_checkpoint(directory: str, fingerprint: str):
     return model, progress
 
 
+def _zip_layers(
+    plan: graph.Plan,
+    task_names: list[str],
+    states: list,
+    calibration: dict,
+    shares: list[int],
+    config: dict,
+    joining: list[int],
+    report: ZipReport,
+    start: int,
+    retrain: Retrain | None,
+    evaluation: Mapping | None,
+    checkpoint: tuple | None,
+    verbose: int,
+) -> keras.Model:
+    """Zips hidden layers ``start``.. in place (module docstring, steps 1-6)."""
+    hidden = plan.hidden_units
+    retrain_offset = sum(layer.retrain_steps for layer in report.layers)
+    model = stack.build_model(plan, task_names, states)
+    for index in range(start, len(hidden)):
+        began = time.time()
+        hessians = layer_zip.layer_hessians(
+            model,
+            stack.zipped_layers(model)[index],
+            states[index],
+            calibration,
+            config["hessian"],
+        )
+        merge_cost = layer_zip.zip_layer(
+            states[index],
+            states[index + 1],
+            hessians,
+            shares[index],
+            config,
+            np.random.default_rng([config["seed"], index]),
+            joining,
+        )
+        model = stack.build_model(plan, task_names, states)
+        layer_report = LayerReport(
+            name=hidden[index].name,
+            widths=dict(zip(task_names, states[index].units)),
+            shared=states[index].shared_units,
+            merge_cost=merge_cost,
+        )
+        if evaluation is not None:
+            layer_report.accuracy_before_retraining = task_accuracies(model, evaluation)
+        steps = retrain.steps_for(index, len(hidden)) if retrain is not None else 0
+        if steps:
+            retrain_jointly(model, retrain, steps, start_step=retrain_offset)
+            retrain_offset += steps
+            states[:] = stack.read_states(model, plan)
+            if evaluation is not None:
+                layer_report.accuracy_after_retraining = task_accuracies(model, evaluation)
+        layer_report.retrain_steps = steps
+        layer_report.seconds = time.time() - began
+        report.layers.append(layer_report)
+        if checkpoint:
+            directory, fingerprint = checkpoint
+            _write_checkpoint(
+                directory,
+                model,
+                {
+                    "fingerprint": fingerprint,
+                    "completed_layers": index + 1,
+                    "report": report.to_dict(),
+                },
+            )
+        if verbose:
+            print(_layer_line(layer_report, index, len(hidden)))
+    return model
+
+
+def _check_options(matching, criterion, merge, hessian, batch_norm) -> None:
+    for value, allowed, flag in (
+        (matching, matching_lib.METHODS, "matching"),
+        (criterion, CRITERIA, "criterion"),
+        (merge, MERGES, "merge"),
+        (hessian, HESSIAN_MODES, "hessian"),
+        (batch_norm, stack.BATCH_NORM_MODES, "batch_norm"),
+    ):
+        if value not in allowed:
+            raise ValueError(f"`{flag}` must be one of {allowed}. Received: {flag}={value!r}")
+
+
+def _finish(zipped: keras.Model, report: ZipReport, input_params: int) -> None:
+    counts = stack.parameter_counts(zipped)
+    report.parameters = dict(
+        counts, input_models=input_params, ratio=counts["total"] / input_params
+    )
+
+
 def zip_models(
     models: Mapping[str, keras.Model],
     calibration: Mapping[str, tf.data.Dataset],
@@ -351,6 +330,8 @@ def zip_models(
     matching: str = "greedy",
     criterion: str = "hessian",
     merge: str = "hessian",
+    hessian: str = "channel",
+    batch_norm: str = "task",
     retrain: Retrain | None = None,
     evaluation: Mapping[str, tf.data.Dataset] | None = None,
     checkpoint_dir: str | None = None,
@@ -361,18 +342,28 @@ def zip_models(
     """Zips pre-trained models of the same architecture into one multi-task model.
 
     Args:
-        models: {task name: keras.Model}, two or more chains of Dense layers (Flatten,
-            Dropout and activations between them) with the same layer sequence and input
-            shape. Not modified.
+        models: {task name: keras.Model}, two or more chains of Conv2D/Dense units (each
+            optionally followed by BatchNormalization and an activation, with pooling,
+            Flatten and Dropout between them) with the same layer sequence and input shape.
+            Widths may differ. Not modified.
         calibration: {task: batched tf.data.Dataset of inputs, or of (inputs, labels)};
             labels are ignored. The Hessians average over all of it.
         share: fraction of every hidden layer to share (float), or per-layer counts or
-            fractions as a list or {layer name: value} (see :func:`resolve_shares`).
+            fractions as a list or {layer name: value} (see :func:`resolve_shares`). With
+            more than two models, all of them share the same neurons.
         matching: ``"greedy"`` (the paper) or ``"optimal"`` (exact min-cost matching).
         criterion: how pairs are chosen: ``"hessian"`` (MTZ merge cost, default),
             ``"euclidean"`` (weight distance) or ``"random"`` (baselines).
         merge: ``"hessian"`` (Hessian-weighted optimum, default) or ``"average"`` (plain
             mean, a baseline).
+        hessian: conv Hessian: ``"channel"`` (per-pixel channel covariance shared by all
+            kernel positions, the reference code) or ``"patch"`` (exact im2col patches).
+        batch_norm: ``"task"`` keeps each task's BatchNorm after a shared layer (reference
+            code: each task re-normalises the shared filters, so a fully shared layer still
+            yields per-task outputs and the merge cost ignores BN's rescaling); ``"fold"``
+            folds BN into the weights first (exact at inference: the cost sees what the
+            network computes, fully shared layers are computed once, but retraining then
+            runs without BN).
         retrain: :class:`Retrain` settings for light joint retraining after each layer, or
             None for none.
         evaluation: {task: batched (x, y) dataset}; when given, the report has per-task
@@ -385,26 +376,188 @@ def zip_models(
     Returns:
         ``(zipped, report)``: a Keras model with one input and a dict of outputs keyed by
         task name, and a :class:`ZipReport`.
+
+    Example:
+        >>> zipped, report = mtz_tf.zip_models({"a": model_a, "b": model_b},
+        ...                                    {"a": calib_a, "b": calib_b}, share=1.0)
+
+    Reference: He, Zhou, Thiele, "Multi-Task Zipping via Layer-wise Neuron Sharing",
+    NeurIPS 2018.
     """
     plans = _validate_models(models)
     task_names = list(models)
-    if not isinstance(calibration, Mapping) or set(calibration) != set(task_names):
-        raise ValueError(
-            f"`calibration` must have one dataset per task {task_names}. Received keys: "
-            f"{sorted(calibration) if isinstance(calibration, Mapping) else calibration!r}"
-        )
-    if matching not in matching_lib.METHODS:
-        raise ValueError(
-            f"`matching` must be one of {matching_lib.METHODS}. Received: matching={matching!r}"
-        )
-    for value, allowed, flag in ((criterion, CRITERIA, "criterion"), (merge, MERGES, "merge")):
-        if value not in allowed:
-            raise ValueError(f"`{flag}` must be one of {allowed}. Received: {flag}={value!r}")
-    config = dict(matching=matching, criterion=criterion, merge=merge, damping=damping)
+    _check_tasks(calibration, task_names, "calibration")
+    _check_options(matching, criterion, merge, hessian, batch_norm)
+    config = dict(
+        matching=matching,
+        criterion=criterion,
+        merge=merge,
+        damping=damping,
+        hessian=hessian,
+        seed=seed,
+    )
     plan = plans[task_names[0]]
     calibration = {
         t: _inputs_only(calibration[t], plan.input_shape, t, "calibration data") for t in task_names
     }
+    _check_side_data(evaluation, retrain, task_names)
+    hidden = plan.hidden_units
+    widths = [min(plans[t].hidden_units[i].units for t in task_names) for i in range(len(hidden))]
+    shares = resolve_shares(share, hidden, widths)
+    fingerprint = _fingerprint(models, shares, dict(config, batch_norm=batch_norm), seed)
+
+    report = ZipReport(tasks=task_names, matching=matching, criterion=criterion, merge=merge)
+    states = stack.separate_states(plans, models, batch_norm)
+    start = 0
+    if checkpoint_dir:
+        restored = _read_checkpoint(checkpoint_dir, fingerprint)
+        if restored is not None:
+            restored_model, progress = restored
+            states = stack.read_states(restored_model, plan)
+            report = ZipReport.from_dict(progress["report"])
+            start = progress["completed_layers"]
+            if verbose:
+                print(f"Resuming from {checkpoint_dir!r}: {start} layer(s) already zipped.")
+    if evaluation is not None and start == 0:
+        report.accuracy_original = task_accuracies(
+            stack.build_model(plan, task_names, states), evaluation
+        )
+    zipped = _zip_layers(
+        plan,
+        task_names,
+        states,
+        calibration,
+        shares,
+        config,
+        list(range(len(task_names))),
+        report,
+        start,
+        retrain,
+        evaluation,
+        (checkpoint_dir, fingerprint) if checkpoint_dir else None,
+        verbose,
+    )
+    _finish(zipped, report, int(sum(m.count_params() for m in models.values())))
+    return zipped, report
+
+
+def add_task(
+    zipped: keras.Model,
+    task: str,
+    model: keras.Model,
+    calibration: Mapping[str, tf.data.Dataset],
+    matching: str = "greedy",
+    hessian: str = "channel",
+    retrain: Retrain | None = None,
+    evaluation: Mapping[str, tf.data.Dataset] | None = None,
+    damping: float = cost.DEFAULT_DAMPING,
+    verbose: int = 1,
+) -> tuple[keras.Model, ZipReport]:
+    """Zips one more task into an already zipped model, without redoing the others.
+
+    Layer by layer, the new task's neurons are matched to the layer's shared neurons (as
+    many as there are) with the group Hessian Σ H_t of the tasks already sharing them, and
+    the shared weights become the (T+1)-way Hessian-weighted merge; the new task's other
+    neurons stay its own. The other tasks' own neurons are untouched (their outputs change
+    only through the updated shared weights, and through retraining if given).
+
+    Args:
+        zipped: a model returned by :func:`zip_models` (or loaded from its ``.keras``).
+            Not modified.
+        task: str, the new task's name.
+        model: keras.Model of the same architecture as the zipped tasks' models.
+        calibration: {task: dataset} for every task, old and new (the group Hessians need
+            the old tasks' data too).
+        matching, hessian, retrain, evaluation, damping, verbose: as :func:`zip_models`
+            (``retrain`` and ``evaluation`` cover all tasks).
+
+    Returns:
+        ``(zipped, report)`` for the T + 1 tasks.
+    """
+    old_tasks = list(zipped.output)
+    if not isinstance(task, str) or not task.isidentifier() or task in old_tasks:
+        raise ValueError(
+            f"`task` must be a new Python identifier; the zipped model has {old_tasks}. "
+            f"Received: {task!r}"
+        )
+    plan = graph.read_plan(model)
+    zipped_layers = stack.zipped_layers(zipped)
+    if len(zipped_layers) != len(plan.units) or any(
+        (layer.__class__.__name__ != "Zipped" + unit.kind)
+        for layer, unit in zip(zipped_layers, plan.units)
+    ):
+        raise ValueError(
+            f"Model {model.name!r} does not have the zipped model's architecture: "
+            f"{[u.kind for u in plan.units]} vs "
+            f"{[type(layer).__name__ for layer in zipped_layers]}."
+        )
+    _validate_models({"zipped_task": model, task: model})
+    task_names = old_tasks + [task]
+    _check_tasks(calibration, task_names, "calibration")
+    _check_options(matching, "hessian", "hessian", hessian, "task")
+    _check_side_data(evaluation, retrain, task_names)
+    folded = any(
+        unit.batch_norm and layer.batch_norm is None
+        for layer, unit in zip(zipped_layers, plan.units)
+    )
+    newcomer = stack.separate_states({task: plan}, {task: model}, "fold" if folded else "task")
+    states = stack.read_states(zipped, plan)
+    for state, own in zip(states, newcomer):
+        if own.units[0] < state.shared_units:
+            raise ValueError(
+                f"Layer {state.name!r} of {task!r} has {own.units[0]} units, fewer than the "
+                f"{state.shared_units} shared ones it must join."
+            )
+        state.kernels.append(own.kernels[0])
+        state.biases.append(own.biases[0])
+        state.norms.extend(own.norms)
+        state.cross_kernels.append(
+            np.zeros(state.kernel_prefix + (own.kernels[0].shape[-2] - state.input_shared_units, 0))
+        )
+        state.sharing.append(False)
+        state.common_input = state.common_input and own.common_input
+    calibration = {
+        t: _inputs_only(calibration[t], plan.input_shape, t, "calibration data") for t in task_names
+    }
+    config = dict(
+        matching=matching,
+        criterion="hessian",
+        merge="hessian",
+        damping=damping,
+        hessian=hessian,
+        seed=0,
+    )
+    report = ZipReport(tasks=task_names, matching=matching)
+    shares = [state.shared_units for state in states[:-1]]
+    result = _zip_layers(
+        plan,
+        task_names,
+        states,
+        calibration,
+        shares,
+        config,
+        [len(old_tasks)],
+        report,
+        0,
+        retrain,
+        evaluation,
+        None,
+        verbose,
+    )
+    separate = sum(stack.task_model(zipped, t).count_params() for t in old_tasks)
+    _finish(result, report, separate + model.count_params())
+    return result, report
+
+
+def _check_tasks(values, task_names: list[str], what: str) -> None:
+    if not isinstance(values, Mapping) or set(values) != set(task_names):
+        raise ValueError(
+            f"`{what}` must have one dataset per task {task_names}. Received keys: "
+            f"{sorted(values) if isinstance(values, Mapping) else values!r}"
+        )
+
+
+def _check_side_data(evaluation, retrain, task_names: list[str]) -> None:
     if evaluation is not None and set(evaluation) - set(task_names):
         raise ValueError(
             f"`evaluation` names unknown task(s) {sorted(set(evaluation) - set(task_names))}; "
@@ -415,75 +568,6 @@ def zip_models(
             f"`Retrain.train` must have one dataset per task {task_names}. Received keys: "
             f"{sorted(retrain.train)}"
         )
-    hidden = plan.hidden_units
-    widths = [min(plans[t].hidden_units[i].units for t in task_names) for i in range(len(hidden))]
-    shares = resolve_shares(share, hidden, widths)
-    fingerprint = _fingerprint(models, shares, config, seed)
-
-    report = ZipReport(tasks=task_names, matching=matching, criterion=criterion, merge=merge)
-    states = stack.separate_states(plans, models)
-    start = 0
-    if checkpoint_dir:
-        restored = _read_checkpoint(checkpoint_dir, fingerprint)
-        if restored is not None:
-            restored_model, progress = restored
-            states = stack.read_states(restored_model)
-            report = ZipReport.from_dict(progress["report"])
-            start = progress["completed_layers"]
-            if verbose:
-                print(f"Resuming from {checkpoint_dir!r}: {start} layer(s) already zipped.")
-    if evaluation is not None and start == 0:
-        report.accuracy_original = task_accuracies(
-            stack.build_model(plan, task_names, states), evaluation
-        )
-
-    retrain_offset = sum(layer.retrain_steps for layer in report.layers)
-    for index in range(start, len(hidden)):
-        began = time.time()
-        model = stack.build_model(plan, task_names, states)
-        hessians = _layer_hessians(model, index, states, calibration)
-        merge_cost = _zip_layer(
-            states, index, hessians, shares[index], config, np.random.default_rng([seed, index])
-        )
-        model = stack.build_model(plan, task_names, states)
-        layer_report = LayerReport(
-            name=hidden[index].name,
-            widths={t: plans[t].hidden_units[index].units for t in task_names},
-            shared=shares[index],
-            merge_cost=merge_cost,
-        )
-        if evaluation is not None:
-            layer_report.accuracy_before_retraining = task_accuracies(model, evaluation)
-        steps = retrain.steps_for(index, len(hidden)) if retrain is not None else 0
-        if steps:
-            retrain_jointly(model, retrain, steps, start_step=retrain_offset)
-            retrain_offset += steps
-            states = stack.read_states(model)
-            if evaluation is not None:
-                layer_report.accuracy_after_retraining = task_accuracies(model, evaluation)
-        layer_report.retrain_steps = steps
-        layer_report.seconds = time.time() - began
-        report.layers.append(layer_report)
-        if checkpoint_dir:
-            _write_checkpoint(
-                checkpoint_dir,
-                model,
-                {
-                    "fingerprint": fingerprint,
-                    "completed_layers": index + 1,
-                    "report": report.to_dict(),
-                },
-            )
-        if verbose:
-            print(_layer_line(layer_report, index, len(hidden)))
-
-    zipped = stack.build_model(plan, task_names, states)
-    input_params = int(sum(m.count_params() for m in models.values()))
-    counts = stack.parameter_counts(zipped)
-    report.parameters = dict(
-        counts, input_models=input_params, ratio=counts["total"] / input_params
-    )
-    return zipped, report
 
 
 def _layer_line(layer: LayerReport, index: int, count: int) -> str:

@@ -34,12 +34,12 @@ def test_unsupported_layers_are_named():
     model = keras.Sequential(
         [
             keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(2, 3, name="myconv"),
+            keras.layers.DepthwiseConv2D(3, name="myconv"),
             keras.layers.Flatten(),
             keras.layers.Dense(2),
         ]
     )
-    with pytest.raises(ValueError, match="'myconv' of type Conv2D is not supported"):
+    with pytest.raises(ValueError, match="'myconv' of type DepthwiseConv2D is not supported"):
         graph.read_plan(model)
     model = keras.Sequential(
         [

@@ -1,0 +1,210 @@
+"""One step of zipping: Hessians of a layer's inputs, costs, matching, and the new weights.
+
+Weight layouts for the cost (``hessian`` mode):
+
+* Dense: a neuron is its column of the kernel rows at shared input positions, with the bias
+  as an extra row: (k_in + 1, n).
+* Conv2D, ``"channel"`` (the reference code): every kernel position p sees the same
+  per-pixel input-channel covariance H (k_in + 1)², so the weights are (P = kh·kw,
+  k_in + 1, n), the bias appended at every position, costs summed over positions; the
+  merged bias is the mean over positions.
+* Conv2D, ``"patch"`` (exact, L-OBS style): H is the covariance of whole im2col patches
+  (kh·kw·k_in + 1)², with the layer's strides and padding; weights (kh·kw·k_in + 1, n).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mtz_tf import cost, hessian
+from mtz_tf import matching as matching_lib
+from mtz_tf.stack import LayerState
+
+HESSIAN_MODES = ("channel", "patch")
+CRITERIA = ("hessian", "euclidean", "random")
+MERGES = ("hessian", "average")
+
+
+def patches(x: tf.Tensor, state: LayerState) -> tf.Tensor:
+    """im2col rows of a channels-last batch for a conv layer: (n·H_out·W_out, kh·kw·c).
+
+    Row order within a patch is (kh, kw, c), the order of a Keras kernel reshaped to
+    (kh·kw·c, filters); padding and strides are the layer's.
+    """
+    (kh, kw), (sh, sw), padding = state.conv
+    rows = tf.image.extract_patches(
+        x,
+        sizes=[1, kh, kw, 1],
+        strides=[1, sh, sw, 1],
+        rates=[1, 1, 1, 1],
+        padding=padding.upper(),
+    )  # (n, H_out, W_out, kh·kw·c)
+    return tf.reshape(rows, [-1, rows.shape[-1]])
+
+
+def layer_hessians(
+    model: keras.Model,
+    layer: keras.layers.Layer,
+    state: LayerState,
+    calibration: dict,
+    mode: str,
+) -> list[tf.Tensor]:
+    """Each task's Hessian of ``layer``'s inputs at shared positions (+ bias), in order.
+
+    Task t's Hessian uses task t's calibration data through the current zipped ``model``.
+    """
+    feature_model = keras.Model(model.input, layer.input)
+    k_in = state.input_shared_units
+    result = []
+    for t, (task, dataset) in enumerate(calibration.items()):
+
+        def features(batch, t=t):
+            x = feature_model(batch, training=False)
+            x = (x if state.common_input else x[t])[..., :k_in]
+            if state.kind == "Dense":
+                return x
+            if mode == "patch":
+                return patches(x, state)
+            return tf.reshape(x, [-1, k_in])  # one row per pixel
+
+        h, _ = hessian.input_hessian(
+            features,
+            dataset,
+            append_bias=state.use_bias,
+            description=f"calibration data of task {task!r}",
+        )
+        result.append(h)
+    return result
+
+
+def _cost_layout(state: LayerState, kernel: np.ndarray, bias: np.ndarray, mode: str):
+    """Neurons' shared-input weights in the layout of the Hessian (module docstring)."""
+    k_in, n = state.input_shared_units, kernel.shape[-1]
+    rows = kernel[..., :k_in, :]
+    if state.kind == "Conv2D" and mode == "channel":
+        rows = rows.reshape(-1, k_in, n)  # (P, k_in, n)
+        if state.use_bias:
+            rows = np.concatenate([rows, np.broadcast_to(bias, (rows.shape[0], 1, n))], 1)
+        return rows
+    rows = rows.reshape(-1, n)  # (kh·kw·k_in, n) for patch mode, (k_in, n) for Dense
+    return np.vstack([rows, bias[None]]) if state.use_bias else rows
+
+
+def _unpack(state: LayerState, merged: np.ndarray, mode: str):
+    """Inverse of :func:`_cost_layout` for merged weights: (kernel (..., k_in, k), bias (k,))."""
+    k_in, k = state.input_shared_units, merged.shape[-1]
+    shape = state.kernel_prefix + (k_in, k)
+    if state.kind == "Conv2D" and mode == "channel":
+        kernel = merged[:, :k_in, :].reshape(shape)
+        bias = merged[:, k_in, :].mean(0) if state.use_bias else np.zeros(k)
+        return kernel, bias
+    if state.use_bias:
+        return merged[:-1].reshape(shape), merged[-1]
+    return merged.reshape(shape), np.zeros(k)
+
+
+def zip_layer(
+    state: LayerState,
+    consumer: LayerState,
+    hessians: list,
+    k: int,
+    config: dict,
+    rng: np.random.Generator,
+    joining: list[int],
+) -> float:
+    """Ties neurons of the tasks in ``joining`` to the layer's shared neurons, in place.
+
+    If no task shares neurons in this layer yet, the first joining task seeds the group, the
+    second ties ``k`` of its neurons to k of the seed's (the paper's two-model step), and
+    every further one ties k of its neurons to the k group neurons. If the layer already has
+    shared neurons (a task being added to a zipped model), each joining task ties k of its
+    neurons to them. The group's Hessian is Σ H_t of its members (DESIGN.md).
+
+    ``config`` holds ``matching``, ``criterion``, ``merge``, ``damping`` and ``hessian``
+    (the conv mode). The pairing criterion is the MTZ cost (``"hessian"``), the squared
+    weight distance (``"euclidean"``, i.e. H = I) or random; the merge is the
+    Hessian-weighted optimum or the plain average. Returns the summed cost
+    ½ Σ_t (w_t − w̃)ᵀ H_t (w_t − w̃) of the ties made, measured with the true Hessians
+    whatever the criterion, so that baselines are comparable.
+
+    Each joining task's layer outputs are reordered to [shared, in pair order; the rest in
+    original order] (BatchNorm parameters too) and its rows of ``consumer`` follow.
+    """
+    mode, damping = config["hessian"], config["damping"]
+    num_tasks = len(state.kernels)
+    chosen = {}
+
+    def layout(t):
+        return _cost_layout(state, state.kernels[t], state.biases[t], mode)
+
+    queue = list(joining)
+    if state.shared_units > 0:
+        members = [t for t in range(num_tasks) if state.sharing[t]]
+        group_w = _cost_layout(state, state.shared_kernel, state.shared_bias, mode)
+        group_h = tf.add_n([hessians[t] for t in members])
+        group_size = len(members)
+    else:
+        seed_task = queue.pop(0)
+        group_w, group_h, group_size = layout(seed_task)[..., :0], hessians[seed_task], 1
+        if k > 0:
+            group_w = layout(seed_task)
+    eye = np.eye(hessians[0].shape[0])
+    total_cost = 0.0
+    for position, t in enumerate(queue if k > 0 or state.shared_units else []):
+        w_t = layout(t)
+        if config["criterion"] == "random":
+            costs = rng.random((group_w.shape[-1], w_t.shape[-1]))
+        else:
+            h_g, h_t = (group_h, hessians[t]) if config["criterion"] == "hessian" else (eye, eye)
+            costs = cost.merge_costs(group_w, w_t, h_g, h_t, damping).numpy()
+        seeding = state.shared_units == 0 and position == 0
+        rows, cols = matching_lib.match(
+            costs, k if seeding else group_w.shape[-1], config["matching"]
+        )
+        if seeding:
+            chosen[seed_task] = rows
+            group_w = group_w[..., rows]
+        else:  # The group's neurons keep their order; reorder the newcomer's.
+            order = np.argsort(rows)
+            rows, cols = rows[order], cols[order]
+        chosen[t] = cols
+        pair = [group_w, w_t[..., cols]]
+        if config["merge"] == "hessian":
+            merged = cost.merged_weights(pair, [group_h, hessians[t]], damping).numpy()
+        else:
+            merged = (group_size * pair[0] + pair[1]) / (group_size + 1)
+        total_cost += float(
+            tf.reduce_sum(cost.deviation_costs(pair, [group_h, hessians[t]], merged, damping))
+        )
+        group_w, group_h, group_size = merged, group_h + hessians[t], group_size + 1
+
+    k_in = state.input_shared_units
+    group = consumer.input_group
+    for t in set(joining) | set(chosen):
+        picked = chosen.get(t, np.zeros(0, dtype=np.int64))
+        rest = np.setdiff1d(np.arange(state.kernels[t].shape[-1]), picked)  # original order
+        permutation = np.concatenate([picked, rest])
+        state.cross_kernels[t] = state.kernels[t][..., k_in:, :][..., picked]
+        state.kernels[t] = state.kernels[t][..., rest]
+        state.biases[t] = state.biases[t][rest]
+        if state.norms:
+            state.norms[t] = tuple(v[permutation] for v in state.norms[t])
+        state.sharing[t] = True
+        # The consumer's rows of this task follow its new output order [shared; own]; the
+        # task does not share in the consumer yet, so all its rows are its own.
+        rows = (permutation[:, None] * group + np.arange(group)[None, :]).ravel()
+        consumer.kernels[t] = consumer.kernels[t][..., rows, :]
+    if chosen:
+        state.shared_kernel, state.shared_bias = _unpack(state, group_w, mode)
+        state.shared_units = group_w.shape[-1]
+    if consumer.shared_units == 0:
+        consumer.input_shared_units = state.shared_units * group
+        consumer.shared_kernel = np.zeros(consumer.kernel_prefix + (state.shared_units * group, 0))
+        consumer.cross_kernels = [
+            np.zeros(consumer.kernel_prefix + (kernel.shape[-2] - consumer.input_shared_units, 0))
+            for kernel in consumer.kernels
+        ]
+    consumer.common_input = state.common_output
+    return total_cost
