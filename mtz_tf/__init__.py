@@ -5,17 +5,20 @@ and the modules ``data``, ``models``, ``hessian``, ``cost``, ``matching``, ``gra
 """
 
 from mtz_tf import cost, data, graph, hessian, matching, models, stack, training
-from mtz_tf.layers import ZippedDense
+from mtz_tf.layers import ChannelMajorFlatten, ZippedConv2D, ZippedDense
 from mtz_tf.report import LayerReport, ZipReport
 from mtz_tf.retrain import Retrain
-from mtz_tf.zipper import zip_models
+from mtz_tf.zipper import add_task, zip_models
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LayerReport",
     "Retrain",
+    "add_task",
     "ZipReport",
+    "ChannelMajorFlatten",
+    "ZippedConv2D",
     "ZippedDense",
     "cost",
     "data",

@@ -514,7 +514,7 @@ def add_task(
         state.cross_kernels.append(
             np.zeros(state.kernel_prefix + (own.kernels[0].shape[-2] - state.input_shared_units, 0))
         )
-        state.sharing.append(False)
+        state.sharing.append(state.shared_units == 0)  # nothing to join: trivially sharing
         state.common_input = state.common_input and own.common_input
     calibration = {
         t: _inputs_only(calibration[t], plan.input_shape, t, "calibration data") for t in task_names
