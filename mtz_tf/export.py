@@ -80,6 +80,18 @@ def _as_dict(model: keras.Model, outputs) -> dict:
     return dict(outputs) if isinstance(outputs, Mapping) else {SINGLE_OUTPUT_NAME: outputs}
 
 
+def _predict(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> dict:
+    """{task: float64 outputs} of ``model`` on ``x``, by direct calls (no ``predict``, whose
+    tf.function retraces for every new model)."""
+    chunks = [
+        _as_dict(model, model(x[i : i + batch_size], training=False))
+        for i in range(0, len(x), batch_size)
+    ]
+    return {
+        t: np.concatenate([np.asarray(c[t], dtype=np.float64) for c in chunks]) for t in chunks[0]
+    }
+
+
 def _input_spec(model: keras.Model) -> tf.TensorSpec:
     inputs = model.inputs
     if len(inputs) != 1:
@@ -487,10 +499,7 @@ def export(
         if representative_data is None
         else _samples(representative_data, _REPRESENTATIVE_SAMPLES).astype(np.float32)
     )
-    expected = {
-        t: np.asarray(v, dtype=np.float64)
-        for t, v in _as_dict(model, model.predict(x, batch_size=256, verbose=0)).items()
-    }
+    expected = _predict(model, x)
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -544,7 +553,7 @@ def _write_all(
         path = os.path.join(tmp_dir, KERAS_FILE)
         model.save(path)
         restored = keras.saving.load_model(path, compile=False)
-        got = _as_dict(model, restored.predict(x, batch_size=256, verbose=0))
+        got = _predict(restored, x)
         parity["keras"] = _compare(KERAS_FILE, expected, got, tolerance)
         artifacts["keras"] = {"file": KERAS_FILE, "bytes": _dir_bytes(path)}
 
