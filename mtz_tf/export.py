@@ -2,7 +2,7 @@
 
 :func:`export` writes, into one output directory,
 
-* ``model.keras``: the Keras model itself;
+* ``model.keras``: the Keras model (architecture and weights; no optimizer state);
 * ``saved_model/``: a TF SavedModel whose ``serve`` signature maps one input to the dict
   of all task outputs, and, for a multi-task model (dict outputs), one ``serve_<task>``
   signature per task that computes only what that task needs (its graph is
@@ -90,6 +90,23 @@ def _predict(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> dict:
     return {
         t: np.concatenate([np.asarray(c[t], dtype=np.float64) for c in chunks]) for t in chunks[0]
     }
+
+
+def _without_optimizer(model: keras.Model) -> keras.Model:
+    """``model`` without compile state, so that ``.keras`` files hold no optimizer moments.
+
+    Deployment needs weights only; a compiled model's Adam state would triple its file.
+    Functional and Sequential models are rebuilt from their config with the same weights;
+    others are saved as they are.
+    """
+    if getattr(model, "optimizer", None) is None:
+        return model
+    try:
+        copy = model.__class__.from_config(model.get_config())
+        copy.set_weights(model.get_weights())
+    except (TypeError, ValueError, NotImplementedError):
+        return model
+    return copy
 
 
 def _input_spec(model: keras.Model) -> tf.TensorSpec:
@@ -551,7 +568,7 @@ def _write_all(
     artifacts, parity, quantized = {}, {}, {}
     if "keras" in formats:
         path = os.path.join(tmp_dir, KERAS_FILE)
-        model.save(path)
+        _without_optimizer(model).save(path)
         restored = keras.saving.load_model(path, compile=False)
         got = _predict(restored, x)
         parity["keras"] = _compare(KERAS_FILE, expected, got, tolerance)
