@@ -41,7 +41,7 @@ _SIZE_ROWS = (
 )
 _LATENCY_ROWS = (
     ("tflite", "TFLite interpreter"),
-    ("keras", "Keras eager call"),
+    ("keras", "Keras eager call (.keras loaded back)"),
     ("saved_model", "SavedModel `serve` (graph)"),
 )
 
@@ -160,7 +160,7 @@ def interleaved_medians(
     return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
 
-def _latencies(exports: dict, models: dict, x: np.ndarray, runs, warmup, threads) -> dict:
+def _latencies(exports: dict, x: np.ndarray, runs, warmup, threads) -> dict:
     """{backend: {"zipped", "separate"}} median ms, for the backends that were exported."""
     zipped_result, separate_results = exports["zipped"], exports["separate"]
     formats = zipped_result["formats"]
@@ -178,7 +178,12 @@ def _latencies(exports: dict, models: dict, x: np.ndarray, runs, warmup, threads
         s = [runner(r) for r in separate_results.values()]
         backends["tflite"] = (lambda: z(input=x), lambda: [r(input=x) for r in s])
     if "keras" in formats:
-        zm, sm = models["zipped"], list(models["separate"].values())
+        # The .keras artifacts loaded back (uncompiled, as a deployment would load them),
+        # so that both sides are measured alike whatever state the given models are in.
+        def load(result):
+            return keras.saving.load_model(result["artifacts"]["keras"]["path"], compile=False)
+
+        zm, sm = load(zipped_result), [load(r) for r in separate_results.values()]
         backends["keras"] = (
             lambda: zm(x_tf, training=False),
             lambda: [m(x_tf, training=False) for m in sm],
@@ -284,9 +289,8 @@ def size_speed_report(
             "each": each,
         }
     exports = {"zipped": zipped_result, "separate": separate_results}
-    models = {"zipped": zipped, "separate": dict(separate_models)}
     x1 = np.asarray(x[:1], dtype=spec.dtype.as_numpy_dtype)
-    latency = _latencies(exports, models, x1, runs, warmup, tflite_threads)
+    latency = _latencies(exports, x1, runs, warmup, tflite_threads)
     return DeploymentReport(
         tasks=export_lib.task_names(zipped),
         separate=list(separate_models),
