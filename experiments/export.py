@@ -15,6 +15,7 @@ Example:
 import json
 import os
 import re
+import sys
 
 from absl import app, flags, logging
 
@@ -51,7 +52,7 @@ flags.DEFINE_list(
     "separate_models",
     [],
     "Comma-separated .keras models the zipped one replaces, for the size/speed comparison; "
-    "each is named after its file name.",
+    "each is named after its file name (its directory's name if file names repeat).",
 )
 flags.DEFINE_enum(
     "dataset",
@@ -71,17 +72,29 @@ flags.DEFINE_integer("runs", 500, "Timed calls per model and backend for the lat
 flags.DEFINE_integer("warmup", 50, "Untimed calls before timing (calls).")
 
 
-def _name(path: str) -> str:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    name = re.sub(r"\W", "_", stem)
-    return name if name.isidentifier() else f"m_{name}"
+def _names(paths: list[str]) -> list[str]:
+    """Identifiers from file names (else directory names, else with an index) to be unique."""
+
+    def ident(text: str) -> str:
+        text = re.sub(r"\W", "_", text)
+        return text if text.isidentifier() else f"m_{text}"
+
+    stems = [ident(os.path.splitext(os.path.basename(p))[0]) for p in paths]
+    if len(set(stems)) < len(stems):
+        stems = [
+            ident(os.path.basename(os.path.dirname(os.path.abspath(p)))) + "_" + s
+            for p, s in zip(paths, stems)
+        ]
+    if len(set(stems)) < len(stems):
+        stems = [f"{s}_{i}" for i, s in enumerate(stems)]
+    return stems
 
 
 def main(argv):
     del argv
     import keras  # Imported here so that --help is fast.
 
-    config = {f.name: f.value for f in FLAGS.get_key_flags_for_module(__file__)}
+    config = {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0])}
     logging.info("Export configuration: %s", config)
     zipped = keras.saving.load_model(FLAGS.model, compile=False)
     quantize = None if FLAGS.quantize == "none" else FLAGS.quantize
@@ -114,8 +127,9 @@ def main(argv):
         if quantize:
             logging.info("Quantized TFLite: %s", json.dumps(result["quantized"]))
     else:
+        paths = FLAGS.separate_models
         separate = {
-            _name(p): keras.saving.load_model(p, compile=False) for p in FLAGS.separate_models
+            name: keras.saving.load_model(p, compile=False) for name, p in zip(_names(paths), paths)
         }
         markdown = deploy_report.deployment_report(
             zipped,

@@ -18,10 +18,12 @@ JSON copy into the output directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -210,6 +212,34 @@ def _latencies(exports: dict, x: np.ndarray, runs, warmup, threads) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def _fresh_directory(out_dir: str, overwrite: bool):
+    """Runs the body with ``out_dir`` empty; on failure puts the previous one back.
+
+    An existing non-empty ``out_dir`` needs ``overwrite`` and is moved aside first (and
+    deleted once the body succeeded), so no stale export of an earlier run survives.
+    """
+    out_dir = os.path.abspath(out_dir)
+    export_lib._check_out_dir(out_dir, overwrite)
+    parent, base = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    old = None
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+        os.rmdir(old)
+        os.rename(out_dir, old)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        yield
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        if old is not None:
+            os.rename(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def size_speed_report(
     zipped: keras.Model,
     separate_models: Mapping[str, keras.Model],
@@ -229,12 +259,14 @@ def size_speed_report(
         zipped: keras.Model, one input and a dict of task outputs (a zipped model).
         separate_models: {name: keras.Model}, the input models it replaces (one input each).
         out_dir: str; the zipped model goes to ``out_dir/zipped``, separate model ``name``
-            to ``out_dir/separate_<name>`` (each written atomically by
-            :func:`mtz_tf.export.export`).
+            to ``out_dir/separate_<name>`` (each by :func:`mtz_tf.export.export`). A
+            non-empty ``out_dir`` needs ``overwrite`` and is replaced as a whole; if an
+            export fails, the previous ``out_dir`` is put back.
         sample_inputs: array (N, ...) of model inputs or ``(x, y)`` (labels as in
             ``export``'s ``parity_data``): used for the parity checks, and its first
             sample for the batch-1 latency. None: seeded random inputs.
-        formats, quantize, representative_data, overwrite: as in :func:`mtz_tf.export.export`.
+        formats, quantize, representative_data: as in :func:`mtz_tf.export.export`.
+        overwrite: bool, replace a non-empty ``out_dir``.
         runs: int, timed calls per side and backend (the median is kept).
         warmup: int, untimed calls per side and backend first.
         tflite_threads: int, TFLite interpreter threads for the latency.
@@ -257,27 +289,23 @@ def size_speed_report(
         sample_inputs = np.random.default_rng(0).standard_normal((64, *spec.shape[1:]))
         sample_inputs = sample_inputs.astype(spec.dtype.as_numpy_dtype)
     x = export_lib._samples(sample_inputs, limit=10**9)
-    options = dict(
-        formats=formats,
-        quantize=quantize,
-        representative_data=representative_data,
-        overwrite=overwrite,
-    )
-    zipped_result = export_lib.export(
-        zipped, os.path.join(out_dir, "zipped"), parity_data=sample_inputs, **options
-    )
-    separate_results = {}
-    for name, model in separate_models.items():
-        parity = x
-        if isinstance(sample_inputs, tuple) and len(sample_inputs) == 2:
-            y = sample_inputs[1]  # One label array for all, or {name: labels}.
-            if not isinstance(y, Mapping):
-                parity = (x, y)
-            elif name in y:
-                parity = (x, y[name])
-        separate_results[name] = export_lib.export(
-            model, os.path.join(out_dir, f"separate_{name}"), parity_data=parity, **options
+    options = dict(formats=formats, quantize=quantize, representative_data=representative_data)
+    with _fresh_directory(out_dir, overwrite):
+        zipped_result = export_lib.export(
+            zipped, os.path.join(out_dir, "zipped"), parity_data=sample_inputs, **options
         )
+        separate_results = {}
+        for name, model in separate_models.items():
+            parity = x
+            if isinstance(sample_inputs, tuple) and len(sample_inputs) == 2:
+                y = sample_inputs[1]  # One label array for all, or {name: labels}.
+                if not isinstance(y, Mapping):
+                    parity = (x, y)
+                elif name in y:
+                    parity = (x, y[name])
+            separate_results[name] = export_lib.export(
+                model, os.path.join(out_dir, f"separate_{name}"), parity_data=parity, **options
+            )
     sizes = {}
     for fmt in zipped_result["artifacts"]:
         if fmt not in ("keras", "saved_model", "tflite"):
@@ -336,7 +364,6 @@ def deployment_report(
     """
     report = size_speed_report(zipped, separate_models, out_dir, sample_inputs, **kwargs)
     markdown = report.to_markdown(title="Deployment: zipped model against the separate models")
-    os.makedirs(out_dir, exist_ok=True)
     _write_atomically(os.path.join(out_dir, REPORT_MARKDOWN), markdown)
     _write_atomically(os.path.join(out_dir, REPORT_JSON), json.dumps(report.to_dict(), indent=2))
     return markdown

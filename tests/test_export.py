@@ -273,3 +273,31 @@ def test_size_speed_report(zipped, lenet_a, lenet_b, sample, tmp_path):
     assert "| TFLite file (float32) |" in markdown and "latency, TFLite interpreter" in markdown
     assert "| latency, SavedModel" not in markdown  # Not exported, so not measured.
     json.dumps(report.to_dict())
+
+
+def test_deployment_report_replaces_its_directory_only_with_overwrite(
+    zipped, lenet_a, lenet_b, tmp_path
+):
+    out_dir = tmp_path / "deploy"
+    out_dir.mkdir()
+    (out_dir / "stale.txt").write_text("from an earlier run")
+    separate = {"a": lenet_a, "b": lenet_b}
+    options = dict(formats=("keras",), runs=3, warmup=1)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        deploy_report.deployment_report(zipped, separate, str(out_dir), **options)
+    assert os.listdir(out_dir) == ["stale.txt"]
+    markdown = deploy_report.deployment_report(
+        zipped, separate, str(out_dir), overwrite=True, **options
+    )
+    assert sorted(os.listdir(out_dir)) == [
+        "deployment_report.json",
+        "deployment_report.md",
+        "separate_a",
+        "separate_b",
+        "zipped",
+    ]
+    assert (out_dir / "deployment_report.md").read_text() == markdown
+    assert "| .keras file |" in markdown and "| TFLite file" not in markdown
+    saved = json.loads((out_dir / "deployment_report.json").read_text())
+    assert saved["sizes"]["keras"]["separate"] == sum(saved["sizes"]["keras"]["each"].values())
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
