@@ -183,15 +183,22 @@ def _task_chain(model: keras.Model, task: str):
     return forward
 
 
-def task_functions(model: keras.Model) -> dict:
-    """{task: a function x -> that task's output only} of a multi-task (dict) model.
+def _has_zipped_layers(model: keras.Model) -> bool:
+    return any(type(layer).__module__.startswith("mtz_tf.") for layer in model.layers)
 
-    For a chain of zipped layers the function runs the model's own layers for one task and
-    shares its variables (an endpoint costs no extra weights). Otherwise it is
-    :func:`mtz_tf.stack.task_model` (plain layers holding the task's view of the weights),
-    and as a last resort the functional sub-model from the input to the task's output,
-    which is correct but may compute other tasks' neurons too. Parity checks catch any of
-    them being wrong.
+
+def task_functions(model: keras.Model) -> dict:
+    """{task: a function or model x -> that task's output only} of a multi-task model.
+
+    * A chain of zipped layers: a function running the model's own layers for one task,
+      reading its variables (an endpoint costs no extra weights).
+    * Any other model with zipped layers: :func:`mtz_tf.stack.task_model` (plain layers
+      holding a copy of the task's view of the weights).
+    * A model without zipped layers (e.g. a shared trunk with one head per task): the
+      functional sub-model from the input to the task's output, which runs only the layers
+      that output depends on and shares the model's variables.
+
+    Parity checks of every ``serve_<task>`` endpoint catch any of these being wrong.
     """
     from mtz_tf import stack  # Lazy: only multi-task models need it.
 
@@ -203,17 +210,19 @@ def task_functions(model: keras.Model) -> dict:
         if forward is not None:
             result[task] = forward
             continue
-        try:
-            result[task] = stack.task_model(model, task)
-        except (TypeError, ValueError, NotImplementedError, AttributeError) as e:
-            _LOG.warning(
-                "stack.task_model cannot split task %r (%s); serve_%s uses the functional "
-                "sub-model instead, which may compute more than this task needs.",
-                task,
-                e,
-                task,
-            )
-            result[task] = keras.Model(model.input, model.output[task], name=f"{model.name}_{task}")
+        if _has_zipped_layers(model):
+            try:
+                result[task] = stack.task_model(model, task)
+                continue
+            except (TypeError, ValueError, NotImplementedError, AttributeError) as e:
+                _LOG.warning(
+                    "stack.task_model cannot split task %r (%s); serve_%s uses the functional "
+                    "sub-model instead, which also computes other tasks' zipped neurons.",
+                    task,
+                    e,
+                    task,
+                )
+        result[task] = keras.Model(model.input, model.output[task], name=f"{model.name}_{task}")
     return result
 
 
@@ -296,7 +305,9 @@ def convert_tflite(
 
         converter.representative_dataset = representative_dataset
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return converter.convert()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Calibration's tf.lite.Interpreter deprecation notice.
+        return converter.convert()
 
 
 def tflite_interpreter(path: str, num_threads: int | None = None):

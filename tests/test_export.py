@@ -132,6 +132,30 @@ def test_per_task_tflite_is_smaller_than_the_multi_task_one(exported):
     assert sizes["tflite_b"] < sizes["tflite"]
 
 
+def test_multi_head_conv_model_without_zipped_layers(tmp_path):
+    # A shared conv trunk with one head per task: serve_<task> is the functional sub-model
+    # (only that head's layers), and every format round-trips.
+    inputs = keras.Input((12, 12, 1))
+    trunk = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    trunk = keras.layers.Flatten()(keras.layers.MaxPooling2D()(trunk))
+    outputs = {"left": keras.layers.Dense(3)(trunk), "right": keras.layers.Dense(5)(trunk)}
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(1).standard_normal((16, 12, 12, 1)).astype("float32")
+    result = export_lib.export(model, str(tmp_path / "heads"), per_task_tflite=True, parity_data=x)
+    assert set(result["parity"]) == {
+        "keras",
+        "saved_model/serve",
+        "saved_model/serve_left",
+        "saved_model/serve_right",
+        "tflite",
+        "tflite_left",
+        "tflite_right",
+    }
+    loaded = tf.saved_model.load(result["artifacts"]["saved_model"]["path"])
+    right = loaded.signatures["serve_right"](input=tf.constant(x))
+    assert list(right) == ["right"] and right["right"].shape == (16, 5)
+
+
 def test_plain_single_output_model_exports(lenet_a, sample, tmp_path):
     out_dir = str(tmp_path / "plain")
     result = export_lib.export(lenet_a, out_dir, formats=("keras", "tflite"))
@@ -301,3 +325,15 @@ def test_deployment_report_replaces_its_directory_only_with_overwrite(
     saved = json.loads((out_dir / "deployment_report.json").read_text())
     assert saved["sizes"]["keras"]["separate"] == sum(saved["sizes"]["keras"]["each"].values())
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_task_model_fallback_endpoints_match(zipped, sample, tmp_path, monkeypatch):
+    # A zipped model export cannot walk as a chain gets serve_<task> from
+    # stack.task_model (copies of the task's weights); parity holds all the same.
+    monkeypatch.setattr(export_lib, "_task_chain", lambda model, task: None)
+    functions = export_lib.task_functions(zipped)
+    assert all(isinstance(f, keras.Model) for f in functions.values())
+    result = export_lib.export(
+        zipped, str(tmp_path / "fallback"), formats=("saved_model",), parity_data=sample[0][:50]
+    )
+    assert max(result["parity"]["saved_model/serve_a"].values()) < 1e-5
