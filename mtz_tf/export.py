@@ -274,7 +274,7 @@ def _samples(data, limit: int) -> np.ndarray:
         if not chunks:
             raise ValueError("`representative_data` is an empty dataset.")
         return np.concatenate(chunks)[:limit]
-    if isinstance(data, (tuple, list)) and len(data) == 2 and not np.isscalar(data[0]):
+    if isinstance(data, tuple) and len(data) == 2:  # (x, y); a list is a list of inputs.
         data = data[0]
     return np.asarray(data)[:limit]
 
@@ -340,7 +340,7 @@ def _dir_bytes(path: str) -> int:
 
 
 def _labels(parity_data, names: Sequence[str]) -> dict | None:
-    if not (isinstance(parity_data, (tuple, list)) and len(parity_data) == 2):
+    if not (isinstance(parity_data, tuple) and len(parity_data) == 2):
         return None
     y = parity_data[1]
     if isinstance(y, Mapping):
