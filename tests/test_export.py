@@ -337,3 +337,17 @@ def test_task_model_fallback_endpoints_match(zipped, sample, tmp_path, monkeypat
         zipped, str(tmp_path / "fallback"), formats=("saved_model",), parity_data=sample[0][:50]
     )
     assert max(result["parity"]["saved_model/serve_a"].values()) < 1e-5
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_task_functions_match_the_zipped_model(lenet_a, lenet_b, calibration, sample, share):
+    # Nothing shared (every layer task-specific) and everything shared (one tensor through
+    # the hidden layers); share=0.7 is covered by the exports above.
+    zipped, _ = mtz_tf.zip_models(
+        {"a": lenet_a, "b": lenet_b}, {"a": calibration, "b": calibration}, share=share, verbose=0
+    )
+    x = sample[0][:20]
+    expected = zipped(x)
+    for task, forward in export_lib.task_functions(zipped).items():
+        assert not isinstance(forward, keras.Model)  # The weight-sharing chain walk.
+        assert max_abs_diff(forward(tf.constant(x)), expected[task]) < 1e-5
