@@ -20,7 +20,7 @@ import sys
 from absl import app, flags, logging
 
 from mtz_tf import data, deploy_report
-from mtz_tf import export as export_lib
+from mtz_tf import exporter as export_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(

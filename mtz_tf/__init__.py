@@ -1,10 +1,14 @@
 """mtz_tf: Multi-Task Zipping and within-model compression for Keras models.
 
-The public API: :func:`zip_models` with :class:`Retrain`, the :class:`ZippedDense` layer,
-and the modules ``data``, ``models``, ``hessian``, ``cost``, ``matching``, ``graph``.
+The public API: :func:`zip_models` and :func:`add_task` with :class:`Retrain`, the zipped
+layers (:class:`ZippedDense`, :class:`ZippedConv2D`), deployment (:func:`export`,
+:func:`deployment_report`), and the modules ``data``, ``models``, ``hessian``, ``cost``,
+``matching``, ``graph``, ``stack``, ``training``.
 """
 
 from mtz_tf import cost, data, graph, hessian, matching, models, stack, training
+from mtz_tf.deploy_report import DeploymentReport, deployment_report, size_speed_report
+from mtz_tf.exporter import ParityError, export
 from mtz_tf.layers import ChannelMajorFlatten, ZippedConv2D, ZippedDense
 from mtz_tf.report import LayerReport, ZipReport
 from mtz_tf.retrain import Retrain
@@ -13,19 +17,24 @@ from mtz_tf.zipper import add_task, zip_models
 __version__ = "0.1.0"
 
 __all__ = [
-    "LayerReport",
-    "Retrain",
-    "add_task",
-    "ZipReport",
     "ChannelMajorFlatten",
+    "DeploymentReport",
+    "LayerReport",
+    "ParityError",
+    "Retrain",
+    "ZipReport",
     "ZippedConv2D",
     "ZippedDense",
+    "add_task",
     "cost",
     "data",
+    "deployment_report",
+    "export",
     "graph",
     "hessian",
     "matching",
     "models",
+    "size_speed_report",
     "stack",
     "training",
     "zip_models",

@@ -1,7 +1,7 @@
 """What zipping saves at deployment: file sizes and latency, zipped against separate models.
 
 :func:`size_speed_report` exports the zipped model and each separate input model the same
-way (:func:`mtz_tf.export.export`, same formats and quantization), then measures in one
+way (:func:`mtz_tf.export`, same formats and quantization), then measures in one
 run:
 
 * file sizes: ``.keras`` file, SavedModel directory, TFLite file of the zipped model
@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import export as export_lib
+from mtz_tf import exporter as export_lib
 
 REPORT_MARKDOWN = "deployment_report.md"
 REPORT_JSON = "deployment_report.json"
@@ -259,13 +259,13 @@ def size_speed_report(
         zipped: keras.Model, one input and a dict of task outputs (a zipped model).
         separate_models: {name: keras.Model}, the input models it replaces (one input each).
         out_dir: str; the zipped model goes to ``out_dir/zipped``, separate model ``name``
-            to ``out_dir/separate_<name>`` (each by :func:`mtz_tf.export.export`). A
+            to ``out_dir/separate_<name>`` (each by :func:`mtz_tf.export`). A
             non-empty ``out_dir`` needs ``overwrite`` and is replaced as a whole; if an
             export fails, the previous ``out_dir`` is put back.
         sample_inputs: array (N, ...) of model inputs or ``(x, y)`` (labels as in
             ``export``'s ``parity_data``): used for the parity checks, and its first
             sample for the batch-1 latency. None: seeded random inputs.
-        formats, quantize, representative_data: as in :func:`mtz_tf.export.export`.
+        formats, quantize, representative_data: as in :func:`mtz_tf.export`.
         overwrite: bool, replace a non-empty ``out_dir``.
         runs: int, timed calls per side and backend (the median is kept).
         warmup: int, untimed calls per side and backend first.

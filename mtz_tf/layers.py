@@ -142,7 +142,7 @@ class _ZippedLayer(keras.layers.Layer):
         return y if bias is None else y + bias
 
     def call(self, inputs, training=None):
-        k, k_in = self.shared_units, self.input_shared_units
+        k = self.shared_units
         per_task = [inputs] * len(self.task_names) if self.common_input else list(inputs)
         if len(per_task) != len(self.task_names):
             raise ValueError(
@@ -156,23 +156,30 @@ class _ZippedLayer(keras.layers.Layer):
         )
         if self.common_output:
             return self.activation(shared_common)
-        outputs = []
-        for t, x in enumerate(per_task):
-            pieces = []  # [shared; own], skipping empty parts (convs reject 0 channels)
-            if self.shared_count(t):
-                shared = shared_common
-                if shared is None:
-                    shared = self._affine(x[..., :k_in], self.shared_kernel, self.shared_bias)
-                    if self.input_units[t] > k_in:
-                        shared = shared + self._linear(x[..., k_in:], self.cross_kernels[t])
-                pieces.append(shared)
-            if self.units[t] > self.shared_count(t):
-                pieces.append(self._affine(x, self.task_kernels[t], self.task_biases[t]))
-            pre = pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=-1)
-            if self.norms:
-                pre = self.norms[t](pre, training=training)
-            outputs.append(self.activation(pre))
-        return outputs
+        return [self._task_output(t, x, shared_common, training) for t, x in enumerate(per_task)]
+
+    def _task_output(self, t: int, x, shared_common, training):
+        """Task t's output from its input x (``shared_common``: shared part, if computed)."""
+        k_in = self.input_shared_units
+        pieces = []  # [shared; own], skipping empty parts (convs reject 0 channels)
+        if self.shared_count(t):
+            shared = shared_common
+            if shared is None:
+                shared = self._affine(x[..., :k_in], self.shared_kernel, self.shared_bias)
+                if self.input_units[t] > k_in:
+                    shared = shared + self._linear(x[..., k_in:], self.cross_kernels[t])
+            pieces.append(shared)
+        if self.units[t] > self.shared_count(t):
+            pieces.append(self._affine(x, self.task_kernels[t], self.task_biases[t]))
+        pre = pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=-1)
+        if self.norms:
+            pre = self.norms[t](pre, training=training)
+        return self.activation(pre)
+
+    def call_task(self, x, task: str, training=False):
+        """Task ``task``'s output alone, from its own input x (one tensor), with this
+        layer's variables: what a per-task endpoint computes."""
+        return self._task_output(self.task_names.index(task), x, None, training)
 
     def get_config(self):
         config = super().get_config()

@@ -15,7 +15,7 @@ from conftest import max_abs_diff
 
 import mtz_tf
 from mtz_tf import deploy_report
-from mtz_tf import export as export_lib
+from mtz_tf import exporter as export_lib
 
 TASKS = ("a", "b")
 # The quantizer calibrates through tf.lite.Interpreter, which warns that it is deprecated.

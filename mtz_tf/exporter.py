@@ -34,9 +34,6 @@ from collections.abc import Iterable, Mapping, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import ops
-
-from mtz_tf.layers import ZippedDense
 
 _LOG = logging.getLogger("mtz_tf")
 
@@ -120,27 +117,6 @@ def _input_spec(model: keras.Model) -> tf.TensorSpec:
     return tf.TensorSpec(shape, inputs[0].dtype or "float32", name=INPUT_NAME)
 
 
-def _zipped_dense_task(layer: ZippedDense, x, task: str):
-    """Task ``task``'s output of a ``ZippedDense`` from the task's input ``x``.
-
-    Mirrors ``ZippedDense.call`` for one task, reading the layer's own variables, so an
-    endpoint built from it shares the zipped model's weights instead of copying them.
-    """
-    t = layer.task_names.index(task)
-    k, k_in = layer.shared_units, layer.input_shared_units
-    bias = layer.shared_bias if layer.use_bias else None
-    if k > 0:
-        pre = ops.matmul(x[:, :k_in], layer.shared_kernel)
-        if not layer.common_input:
-            pre = pre + ops.matmul(x[:, k_in:], layer.cross_kernels[t])
-        shared = layer.activation(pre if bias is None else pre + bias)
-        if layer.common_output:
-            return shared
-    pre = ops.matmul(x, layer.task_kernels[t])
-    specific = layer.activation(pre + layer.task_biases[t] if layer.use_bias else pre)
-    return specific if k == 0 else ops.concatenate([shared, specific], axis=-1)
-
-
 def _same_tensors(a, b) -> bool:
     a = a if isinstance(a, (list, tuple)) else [a]
     b = b if isinstance(b, (list, tuple)) else [b]
@@ -150,8 +126,8 @@ def _same_tensors(a, b) -> bool:
 def _task_chain(model: keras.Model, task: str):
     """The task's forward function over ``model``'s own layers, or None if not a chain.
 
-    Works for a linear chain of ``ZippedDense`` layers, layers with a ``call_task(x, task)``
-    method, and weightless layers (Flatten, Dropout, pooling, activations) between them.
+    Works for a linear chain of zipped layers (``call_task(x, task)``) and weightless
+    layers (Flatten, Dropout, pooling, activations) between them.
     """
     previous = model.inputs[0]
     chain = []
@@ -160,7 +136,7 @@ def _task_chain(model: keras.Model, task: str):
             continue
         if not _same_tensors(layer.input, previous):
             return None
-        if not (isinstance(layer, ZippedDense) or hasattr(layer, "call_task") or not layer.weights):
+        if not (hasattr(layer, "call_task") or not layer.weights):
             return None
         chain.append(layer)
         previous = layer.output
@@ -172,9 +148,7 @@ def _task_chain(model: keras.Model, task: str):
 
     def forward(x):
         for layer in chain:
-            if isinstance(layer, ZippedDense):
-                x = _zipped_dense_task(layer, x, task)
-            elif hasattr(layer, "call_task"):
+            if hasattr(layer, "call_task"):
                 x = layer.call_task(x, task)
             else:
                 x = layer(x, training=False)
