@@ -351,3 +351,23 @@ def test_task_functions_match_the_zipped_model(lenet_a, lenet_b, calibration, sa
     for task, forward in export_lib.task_functions(zipped).items():
         assert not isinstance(forward, keras.Model)  # The weight-sharing chain walk.
         assert max_abs_diff(forward(tf.constant(x)), expected[task]) < 1e-5
+
+
+def test_conv_zipped_model_with_batch_norm_round_trips(fashion, tmp_path):
+    # Two VGG-16 with BatchNorm (per-task BN after shared convs), half shared.
+    x = fashion[2][:64]
+    pair = {t: mtz_tf.models.vgg16((28, 28, 1), 10, 0.125, seed=s) for s, t in enumerate(TASKS)}
+    calib = tf.data.Dataset.from_tensor_slices(fashion[0][:256]).batch(128)
+    zipped, _ = mtz_tf.zip_models(pair, {t: calib for t in TASKS}, share=0.5, verbose=0)
+    out_dir = str(tmp_path / "conv")
+    result = export_lib.export(zipped, out_dir, per_task_tflite=True, parity_data=x)
+    expected = zipped(x)
+    saved = tf.saved_model.load(os.path.join(out_dir, "saved_model"))
+    for task in TASKS:
+        single = saved.signatures[f"serve_{task}"](input=tf.constant(x))
+        assert max_abs_diff(next(iter(single.values())), expected[task]) < 1e-5
+        tflite = export_lib.run_tflite(
+            os.path.join(out_dir, f"model_{task}.tflite"), f"serve_{task}", x
+        )
+        assert max_abs_diff(next(iter(tflite.values())), expected[task]) < 1e-4
+    assert max(result["parity"]["tflite"].values()) < 1e-4
