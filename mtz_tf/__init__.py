@@ -7,6 +7,7 @@ layers (:class:`ZippedDense`, :class:`ZippedConv2D`), deployment (:func:`export`
 """
 
 from mtz_tf import cost, data, graph, hessian, matching, models, stack, training
+from mtz_tf.allocation import ShareBudget, shared_fraction
 from mtz_tf.deploy_report import DeploymentReport, deployment_report, size_speed_report
 from mtz_tf.exporter import ParityError, export
 from mtz_tf.layers import ChannelMajorFlatten, ZippedConv2D, ZippedDense
@@ -22,6 +23,7 @@ __all__ = [
     "LayerReport",
     "ParityError",
     "Retrain",
+    "ShareBudget",
     "ZipReport",
     "ZippedConv2D",
     "ZippedDense",
@@ -34,6 +36,7 @@ __all__ = [
     "hessian",
     "matching",
     "models",
+    "shared_fraction",
     "size_speed_report",
     "stack",
     "training",

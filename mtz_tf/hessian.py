@@ -15,17 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import tensorflow as tf
 
 
 def augment(x: tf.Tensor) -> tf.Tensor:
     """Appends a constant-1 column: (n, d) -> (n, d + 1)."""
-    return tf.concat([x, tf.ones_like(x[:, :1])], axis=1)
+    return tf.concat([x, tf.ones([tf.shape(x)[0], 1], x.dtype)], axis=1)
 
 
 def outer_sum(x: tf.Tensor, append_bias: bool) -> tuple[tf.Tensor, tf.Tensor]:
     """Σ_n x̃_n x̃_nᵀ (float64, (d, d) or (d+1, d+1)) and the row count n of a batch (n, d)."""
-    x = tf.cast(tf.reshape(x, [tf.shape(x)[0], -1]), tf.float64)  # (n, d)
+    x = tf.cast(tf.reshape(x, [tf.shape(x)[0], int(np.prod(x.shape[1:]))]), tf.float64)  # (n, d)
     if append_bias:
         x = augment(x)
     return tf.matmul(x, x, transpose_a=True), tf.cast(tf.shape(x)[0], tf.float64)

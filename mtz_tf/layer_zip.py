@@ -41,7 +41,7 @@ def patches(x: tf.Tensor, state: LayerState) -> tf.Tensor:
         rates=[1, 1, 1, 1],
         padding=padding.upper(),
     )  # (n, H_out, W_out, kh·kw·c)
-    return tf.reshape(rows, [-1, rows.shape[-1]])
+    return tf.reshape(rows, [tf.reduce_prod(tf.shape(rows)[:-1]), rows.shape[-1]])
 
 
 def layer_hessians(
@@ -67,7 +67,7 @@ def layer_hessians(
                 return x
             if mode == "patch":
                 return patches(x, state)
-            return tf.reshape(x, [-1, k_in])  # one row per pixel
+            return tf.reshape(x, [tf.reduce_prod(tf.shape(x)[:-1]), k_in])  # a row per pixel
 
         h, _ = hessian.input_hessian(
             features,
@@ -79,21 +79,22 @@ def layer_hessians(
     return result
 
 
-def _cost_layout(state: LayerState, kernel: np.ndarray, bias: np.ndarray, mode: str):
+def cost_layout(state: LayerState, kernel: np.ndarray, bias: np.ndarray, mode: str):
     """Neurons' shared-input weights in the layout of the Hessian (module docstring)."""
     k_in, n = state.input_shared_units, kernel.shape[-1]
+    positions = int(np.prod(state.kernel_prefix))
     rows = kernel[..., :k_in, :]
     if state.kind == "Conv2D" and mode == "channel":
-        rows = rows.reshape(-1, k_in, n)  # (P, k_in, n)
+        rows = rows.reshape(positions, k_in, n)  # (P, k_in, n)
         if state.use_bias:
             rows = np.concatenate([rows, np.broadcast_to(bias, (rows.shape[0], 1, n))], 1)
         return rows
-    rows = rows.reshape(-1, n)  # (kh·kw·k_in, n) for patch mode, (k_in, n) for Dense
+    rows = rows.reshape(positions * k_in, n)  # (kh·kw·k_in, n) patch mode, (k_in, n) Dense
     return np.vstack([rows, bias[None]]) if state.use_bias else rows
 
 
 def _unpack(state: LayerState, merged: np.ndarray, mode: str):
-    """Inverse of :func:`_cost_layout` for merged weights: (kernel (..., k_in, k), bias (k,))."""
+    """Inverse of :func:`cost_layout` for merged weights: (kernel (..., k_in, k), bias (k,))."""
     k_in, k = state.input_shared_units, merged.shape[-1]
     shape = state.kernel_prefix + (k_in, k)
     if state.kind == "Conv2D" and mode == "channel":
@@ -137,12 +138,12 @@ def zip_layer(
     chosen = {}
 
     def layout(t):
-        return _cost_layout(state, state.kernels[t], state.biases[t], mode)
+        return cost_layout(state, state.kernels[t], state.biases[t], mode)
 
     queue = list(joining)
     if state.shared_units > 0:
         members = [t for t in range(num_tasks) if state.sharing[t]]
-        group_w = _cost_layout(state, state.shared_kernel, state.shared_bias, mode)
+        group_w = cost_layout(state, state.shared_kernel, state.shared_bias, mode)
         group_h = tf.add_n([hessians[t] for t in members])
         group_size = len(members)
     else:

@@ -161,13 +161,18 @@ class _ZippedLayer(keras.layers.Layer):
     def _task_output(self, t: int, x, shared_common, training):
         """Task t's output from its input x (``shared_common``: shared part, if computed)."""
         k_in = self.input_shared_units
-        pieces = []  # [shared; own], skipping empty parts (convs reject 0 channels)
+        pieces = []  # [shared; own], skipping empty parts
         if self.shared_count(t):
             shared = shared_common
-            if shared is None:
-                shared = self._affine(x[..., :k_in], self.shared_kernel, self.shared_bias)
+            if shared is None:  # skip empty parts: convolutions reject 0 input channels
+                terms = []
+                if k_in:
+                    terms.append(self._linear(x[..., :k_in], self.shared_kernel))
                 if self.input_units[t] > k_in:
-                    shared = shared + self._linear(x[..., k_in:], self.cross_kernels[t])
+                    terms.append(self._linear(x[..., k_in:], self.cross_kernels[t]))
+                shared = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+                if self.shared_bias is not None:
+                    shared = shared + self.shared_bias
             pieces.append(shared)
         if self.units[t] > self.shared_count(t):
             pieces.append(self._affine(x, self.task_kernels[t], self.task_biases[t]))

@@ -44,6 +44,8 @@ class ZipReport:
         layers: list of :class:`LayerReport`, input to output.
         parameters: {"shared", "specific", "total", "input_models", "ratio"}; ratio is
             total / input_models.
+        share_allocation: how a ``ShareBudget`` was turned into per-layer counts (target,
+            threshold λ, counts, estimated cost and shared fraction), or None.
     """
 
     tasks: list
@@ -53,6 +55,7 @@ class ZipReport:
     accuracy_original: dict | None = None
     layers: list = dataclasses.field(default_factory=list)
     parameters: dict = dataclasses.field(default_factory=dict)
+    share_allocation: dict | None = None
 
     @property
     def retrain_steps(self) -> int:

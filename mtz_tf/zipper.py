@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import cost, graph, layer_zip, stack
+from mtz_tf import allocation, cost, graph, layer_zip, stack
 from mtz_tf import matching as matching_lib
 from mtz_tf.layer_zip import CRITERIA, HESSIAN_MODES, MERGES
 from mtz_tf.report import LayerReport, ZipReport
@@ -348,9 +348,11 @@ def zip_models(
             Widths may differ. Not modified.
         calibration: {task: batched tf.data.Dataset of inputs, or of (inputs, labels)};
             labels are ignored. The Hessians average over all of it.
-        share: fraction of every hidden layer to share (float), or per-layer counts or
-            fractions as a list or {layer name: value} (see :func:`resolve_shares`). With
-            more than two models, all of them share the same neurons.
+        share: fraction of every hidden layer to share (float), per-layer counts or
+            fractions as a list or {layer name: value} (see :func:`resolve_shares`), or a
+            :class:`mtz_tf.ShareBudget` (a global parameter fraction or merge-cost budget,
+            allocated across layers cheapest-first; the report gives the counts). With more
+            than two models, all of them share the same neurons.
         matching: ``"greedy"`` (the paper) or ``"optimal"`` (exact min-cost matching).
         criterion: how pairs are chosen: ``"hessian"`` (MTZ merge cost, default),
             ``"euclidean"`` (weight distance) or ``"random"`` (baselines).
@@ -403,10 +405,24 @@ def zip_models(
     _check_side_data(evaluation, retrain, task_names)
     hidden = plan.hidden_units
     widths = [min(plans[t].hidden_units[i].units for t in task_names) for i in range(len(hidden))]
-    shares = resolve_shares(share, hidden, widths)
+    allocation_info = None
+    if isinstance(share, allocation.ShareBudget):
+        shares, allocation_info = allocation.allocate(
+            plans, models, calibration, share, config, batch_norm, widths
+        )
+        if verbose:
+            print(f"Share allocation for {share}: per-layer counts {shares}")
+    else:
+        shares = resolve_shares(share, hidden, widths)
     fingerprint = _fingerprint(models, shares, dict(config, batch_norm=batch_norm), seed)
 
-    report = ZipReport(tasks=task_names, matching=matching, criterion=criterion, merge=merge)
+    report = ZipReport(
+        tasks=task_names,
+        matching=matching,
+        criterion=criterion,
+        merge=merge,
+        share_allocation=allocation_info,
+    )
     states = stack.separate_states(plans, models, batch_norm)
     start = 0
     if checkpoint_dir:

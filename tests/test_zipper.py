@@ -275,3 +275,25 @@ def test_baselines_cost_more_than_mtz(lenet_a, lenet_b, calibration, fashion):
         mtz_tf.zip_models(
             {"a": lenet_a, "b": lenet_b}, {"a": calibration, "b": calibration}, criterion="cosine"
         )
+
+
+def test_share_budget_allocates_counts_to_meet_the_target(lenet_a, lenet_b, calibration):
+    models_ = {"a": lenet_a, "b": lenet_b}
+    calib = {"a": calibration, "b": calibration}
+    zipped, report = mtz_tf.zip_models(
+        models_, calib, share=mtz_tf.ShareBudget(parameters=0.5, steps=8), verbose=0
+    )
+    counts = [layer.shared for layer in report.layers]
+    assert counts == report.share_allocation["counts"]
+    assert mtz_tf.shared_fraction(zipped) >= 0.5
+    assert counts != [300, 100]  # not simply everything
+    # A stricter merge-cost budget shares no more and stays within its budget.
+    budget = 0.5 * sum(layer.merge_cost for layer in report.layers)
+    _, cheap = mtz_tf.zip_models(
+        models_, calib, share=mtz_tf.ShareBudget(cost=budget, steps=8), verbose=0
+    )
+    assert sum(layer.merge_cost for layer in cheap.layers) <= budget + 1e-9
+    with pytest.raises(ValueError, match="exactly one of"):
+        mtz_tf.ShareBudget(parameters=0.5, cost=1.0)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        mtz_tf.ShareBudget(parameters=1.5)

@@ -1,0 +1,149 @@
+"""Automatic per-layer share counts from a global target.
+
+Sharing a pair in layer l costs its merge cost c (ΔE) and saves up to s_l parameters: the
+shared neuron's incoming weights are stored once instead of T times once its inputs are
+shared too, s_l = (T − 1)·(P·d_in + 1) (P kernel positions, d_in input channels, +1 the
+bias). Using the full fan-in rather than the currently shared one keeps a layer whose
+inputs are not shared yet from looking free (it enables the savings downstream).
+Taking pairs cheapest-first *per saved parameter* across layers means sharing, in every
+layer, the greedy-order pairs with c / s_l <= λ for one global threshold λ. A pass zips the
+layers in order without retraining, so each layer's costs are those of the network zipped
+so far, and picks k_l by that rule; λ is then found by bisection so that the target is met:
+
+* ``parameters=f``: the fraction of every task's parameters that are shared,
+  Σ_t shared_t / Σ_t params_t, reaches at least f (as close as the λ grid allows);
+* ``cost=b``: the summed merge cost over all layers stays at most b.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from mtz_tf import cost, layer_zip, matching, stack
+
+
+@dataclasses.dataclass(frozen=True)
+class ShareBudget:
+    """A global sharing target for :func:`mtz_tf.zip_models` (``share=ShareBudget(...)``).
+
+    Attributes:
+        parameters: float in [0, 1] or None, the fraction of every task's parameters to
+            share.
+        cost: float >= 0 or None, the largest total merge cost ΔE to accept.
+        steps: int, bisection steps on the threshold λ.
+    """
+
+    parameters: float | None = None
+    cost: float | None = None
+    steps: int = 20
+
+    def __post_init__(self):
+        if (self.parameters is None) == (self.cost is None):
+            raise ValueError(
+                "Give exactly one of `parameters` (a fraction) or `cost` (a total merge "
+                f"cost). Received: parameters={self.parameters}, cost={self.cost}"
+            )
+        if self.parameters is not None and not 0.0 <= self.parameters <= 1.0:
+            raise ValueError(f"`parameters` must be in [0, 1]. Received: {self.parameters}")
+        if self.cost is not None and self.cost < 0:
+            raise ValueError(f"`cost` must be non-negative. Received: {self.cost}")
+
+
+def shared_fraction(model) -> float:
+    """Σ_t (shared parameters task t uses) / Σ_t (parameters of task t's view)."""
+    shared_total = uses = 0
+    for layer in stack.zipped_layers(model):
+        shared, specific = layer.parameter_counts()
+        users = sum(1 for t in range(len(layer.task_names)) if layer.shared_count(t))
+        shared_total += shared * users
+        uses += specific
+    denominator = shared_total + uses
+    return shared_total / denominator if denominator else 0.0
+
+
+def _saving_per_pair(state: stack.LayerState, num_tasks: int) -> float:
+    positions = int(np.prod(state.kernel_prefix)) if state.kernel_prefix else 1
+    return (num_tasks - 1) * (positions * min(state.input_units) + int(state.use_bias))
+
+
+def _threshold_pass(plan, task_names, states, calibration, config, widths, lam):
+    """Zips all hidden layers (no retraining) sharing pairs with c / s_l <= lam."""
+    counts, total_cost = [], 0.0
+    model = stack.build_model(plan, task_names, states)
+    for index in range(len(widths)):
+        state = states[index]
+        hessians = layer_zip.layer_hessians(
+            model, stack.zipped_layers(model)[index], state, calibration, config["hessian"]
+        )
+        layout = [
+            layer_zip.cost_layout(state, state.kernels[t], state.biases[t], config["hessian"])
+            for t in (0, 1)
+        ]
+        costs = cost.merge_costs(
+            layout[0], layout[1], hessians[0], hessians[1], config["damping"]
+        ).numpy()
+        rows, cols = matching.greedy(costs, widths[index])
+        k = int(np.sum(costs[rows, cols] / _saving_per_pair(state, len(task_names)) <= lam))
+        total_cost += layer_zip.zip_layer(
+            state,
+            states[index + 1],
+            hessians,
+            k,
+            config,
+            np.random.default_rng(0),
+            list(range(len(task_names))),
+        )
+        counts.append(k)
+        model = stack.build_model(plan, task_names, states)
+    return counts, total_cost, shared_fraction(model)
+
+
+def allocate(plans, models, calibration, budget: ShareBudget, config, batch_norm, widths):
+    """Per-layer shared counts meeting ``budget`` (module docstring); returns (counts, info).
+
+    For a parameter target the smallest λ that reaches it is kept, for a cost budget the
+    largest λ that stays within it (λ = 0 shares only cost-free pairs, so it always does).
+    """
+    task_names = list(models)
+    plan = plans[task_names[0]]
+    by_parameters = budget.parameters is not None
+
+    def run(lam):
+        states = stack.separate_states(plans, models, batch_norm)
+        return _threshold_pass(plan, task_names, states, calibration, config, widths, lam)
+
+    def meets(result):
+        _, total, fraction = result
+        return fraction >= budget.parameters if by_parameters else total <= budget.cost
+
+    high = 1.0
+    result = run(high)
+    # Grow λ until the parameter target is met / the cost budget is exceeded, or all shared.
+    while result[0] != list(widths) and meets(result) != by_parameters:
+        high *= 10.0
+        result = run(high)
+    low = 0.0
+    if by_parameters:
+        best = (high, result)
+    elif meets(result):  # everything shared stays within the cost budget: nothing to search
+        best, low = (high, result), high
+    else:
+        best = (0.0, run(0.0))
+    for _ in range(budget.steps if low < high else 0):
+        middle = 0.5 * (low + high)
+        result = run(middle)
+        if meets(result):
+            best = (middle, result)
+            high, low = (middle, low) if by_parameters else (high, middle)
+        else:
+            high, low = (high, middle) if by_parameters else (middle, low)
+    lam, (counts, total, fraction) = best
+    return counts, {
+        "target": dataclasses.asdict(budget),
+        "threshold": lam,
+        "counts": counts,
+        "estimated_merge_cost": total,
+        "estimated_shared_fraction": fraction,
+    }
