@@ -260,6 +260,7 @@ def _zip_layers(
             calibration,
             config["hessian"],
         )
+        timings = {"hessians": time.time() - began}
         merge_cost = layer_zip.zip_layer(
             states[index],
             states[index + 1],
@@ -269,7 +270,9 @@ def _zip_layers(
             np.random.default_rng([config["seed"], index]),
             joining,
         )
+        timings["costs_matching_merge"] = time.time() - began - sum(timings.values())
         model = stack.build_model(plan, task_names, states)
+        timings["rebuild"] = time.time() - began - sum(timings.values())
         layer_report = LayerReport(
             name=hidden[index].name,
             widths=dict(zip(task_names, states[index].units)),
@@ -287,6 +290,8 @@ def _zip_layers(
                 layer_report.accuracy_after_retraining = task_accuracies(model, evaluation)
         layer_report.retrain_steps = steps
         layer_report.seconds = time.time() - began
+        timings["retrain_and_evaluation"] = layer_report.seconds - sum(timings.values())
+        layer_report.timings = timings
         report.layers.append(layer_report)
         if checkpoint:
             directory, fingerprint = checkpoint
