@@ -8,7 +8,8 @@ Fashion-MNIST. Two LeNet-300-100 trained to convergence with different seeds, hi
 permuted, then both hidden layers fully zipped by (a) random pairing + plain average,
 (b) weight-distance matching + plain average (the reference code's fc shortcut),
 (c) MTZ greedy, (d) MTZ optimal; each without and with light joint retraining whose total
-budget is 1/20 of the iterations training one model from scratch needed. Writes results/<experiment>_fashion_mnist.{json,md}.
+budget is 1/20 of the iterations training one model from scratch needed. Writes
+results/<experiment>_fashion_mnist.{json,md}.
 """
 
 import os
