@@ -14,11 +14,10 @@ Example:
 import os
 import sys
 
-import keras
 from absl import app, flags, logging
 
 import mtz_tf
-from mtz_tf import data, deploy_report, models, training
+from mtz_tf import data, deploy_report, io_utils, models, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "lenet300", ["lenet300", "lenet5"], "Architecture of both models.")
@@ -33,20 +32,10 @@ flags.DEFINE_integer("warmup", 50, "Untimed calls per side and backend first (ca
 flags.DEFINE_integer("tflite_threads", 1, "TFLite interpreter threads.")
 flags.DEFINE_string("data_dir", None, "Directory of Fashion-MNIST IDX files.")
 flags.DEFINE_string("output_dir", "artifacts/bench_export", "Where the exports go.")
-flags.DEFINE_enum(
-    "zip",
-    "mtz",
-    ["mtz", "structure"],
-    "mtz: mtz_tf.zip_models(share=1.0). structure: build the architecture a share=1.0 zip "
-    "produces (the first model's hidden layers, then every model's own output layer) without "
-    "zipping, to measure sizes and speed where zip_models does not support the model yet "
-    "(weights, hence accuracy, are not a zip's).",
-)
 flags.DEFINE_string(
     "results",
     None,
-    "Markdown results file. Default: results/export_<model>.md "
-    "(results/export_<model>_structure.md with --zip=structure).",
+    "Markdown results file. Default: results/export_<model>.md.",
 )
 
 # The issue's targets for a fully zipped LeNet-5 pair (ratios zipped / two separate).
@@ -54,26 +43,6 @@ TARGET_TFLITE_SIZE = 0.55
 TARGET_LATENCY = 0.60
 _BUILDERS = {"lenet300": models.lenet_300_100, "lenet5": models.lenet5}
 _TITLES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}
-
-
-def fully_shared_structure(separate: dict) -> keras.Model:
-    """One input, the first model's hidden layers, then each model's own output layer.
-
-    The topology (and parameter count) of a share=1.0 zip of same-architecture models:
-    every hidden layer shared, output heads task-specific (copied under unique names).
-    """
-    first = next(iter(separate.values()))
-    inputs = keras.Input(first.input.shape[1:], name="input")
-    x = inputs
-    for layer in first.layers[1:-1]:
-        x = layer(x)
-    outputs = {}
-    for task, model in separate.items():
-        head = model.layers[-1]
-        copy = head.__class__.from_config({**head.get_config(), "name": f"{head.name}_{task}"})
-        outputs[task] = copy(x)
-        copy.set_weights(head.get_weights())
-    return keras.Model(inputs, outputs, name="fully_shared")
 
 
 def _flags() -> list[str]:
@@ -96,21 +65,11 @@ def main(argv):
         model = _BUILDERS[FLAGS.model](seed=seed, name=f"{FLAGS.model}_{task}")
         training.train_classifier(model, x, y, FLAGS.epochs, seed=seed, verbose=2)
         separate[task] = model
-    if FLAGS.zip == "mtz":
-        calibration = data.to_dataset(
-            data.calibration_subset(x, FLAGS.calibration_size), batch_size=500
-        )
-        zipped, _ = mtz_tf.zip_models(
-            separate, {t: calibration for t in tasks}, share=1.0, verbose=1
-        )
-        how = "zipped with mtz_tf.zip_models(share=1.0), no retraining"
-    else:
-        zipped = fully_shared_structure(separate)
-        how = (
-            "**not zipped**: the fully shared structure was built directly (model a's hidden "
-            "layers, each model's own output layer), the topology a share=1.0 zip produces; "
-            "sizes and speed only, accuracy is not a zip's"
-        )
+    calibration = data.to_dataset(
+        data.calibration_subset(x, FLAGS.calibration_size), batch_size=500
+    )
+    zipped, _ = mtz_tf.zip_models(separate, {t: calibration for t in tasks}, share=1.0, verbose=1)
+    how = "zipped with mtz_tf.zip_models(share=1.0), no retraining"
     quantize = None if FLAGS.quantize == "none" else FLAGS.quantize
     report = deploy_report.size_speed_report(
         zipped,
@@ -125,10 +84,6 @@ def main(argv):
         tflite_threads=FLAGS.tflite_threads,
     )
     title = f"{_TITLES[FLAGS.model]}: fully zipped pair (share=1.0) against the two models"
-    if FLAGS.zip == "structure":
-        title = (
-            f"{_TITLES[FLAGS.model]}: fully shared structure (not zipped) against the two models"
-        )
     table = report.to_markdown(title=title)
     accuracy = {t: training.accuracy(m, x_test, y_test) for t, m in separate.items()}
     size = report.size_ratio("tflite")
@@ -154,19 +109,14 @@ def main(argv):
         "Regenerate with:",
         "",
         "```",
-        " ".join(["PYTHONPATH=. python benchmarks/bench_export.py"] + _flags()),
+        " ".join([".venv/bin/python benchmarks/bench_export.py"] + _flags()),
         "```",
         "",
     ]
     text = "\n".join(lines)
     print(text)
-    suffix = "_structure" if FLAGS.zip == "structure" else ""
-    results = FLAGS.results or os.path.join("results", f"export_{FLAGS.model}{suffix}.md")
-    os.makedirs(os.path.dirname(results) or ".", exist_ok=True)
-    tmp = results + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, results)
+    results = FLAGS.results or os.path.join("results", f"export_{FLAGS.model}.md")
+    io_utils.write_text(results, text)
     print(f"Wrote {results}")
 
 
