@@ -8,6 +8,17 @@ import keras
 from keras import ops
 
 
+def common_output(common_input: bool, batch_norm, sharing, units, shared_units: int) -> bool:
+    """Whether a zipped layer gives all tasks one and the same output tensor: its input is
+    common, it has no per-task BatchNorm, and every task uses only the shared neurons."""
+    return (
+        common_input
+        and batch_norm is None
+        and all(sharing)
+        and all(n == shared_units for n in units)
+    )
+
+
 class _ZippedLayer(keras.layers.Layer):
     """Shared machinery of :class:`ZippedDense` and :class:`ZippedConv2D`.
 
@@ -96,11 +107,8 @@ class _ZippedLayer(keras.layers.Layer):
     @property
     def common_output(self) -> bool:
         """Whether all tasks get one and the same output tensor."""
-        return (
-            self.common_input
-            and self.batch_norm is None
-            and all(self.sharing)
-            and all(n == self.shared_units for n in self.units)
+        return common_output(
+            self.common_input, self.batch_norm, self.sharing, self.units, self.shared_units
         )
 
     def shared_count(self, t: int) -> int:

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import graph
+from mtz_tf import graph, layers
 from mtz_tf.layers import ChannelMajorFlatten, ZippedConv2D, ZippedDense, _ZippedLayer
 
 BATCH_NORM_MODES = ("task", "fold")
@@ -83,11 +83,8 @@ class LayerState:
 
     @property
     def common_output(self) -> bool:
-        return (
-            self.common_input
-            and self.batch_norm is None
-            and all(self.sharing)
-            and all(n == self.shared_units for n in self.units)
+        return layers.common_output(
+            self.common_input, self.batch_norm, self.sharing, self.units, self.shared_units
         )
 
     @property
@@ -261,7 +258,7 @@ def build_model(
     with tf.distribute.get_strategy().scope():
         inputs = keras.Input(shape=plan.input_shape, name="input")
         x = inputs  # One tensor while all tasks share it, else a list of T tensors.
-        layers = []
+        built = []
         state_iter = iter(states)
         after_conv = False
         for step in plan.steps:
@@ -272,11 +269,11 @@ def build_model(
             state = next(state_iter)
             layer = _layer(state, task_names)
             x = layer(x)
-            layers.append((layer, state))
+            built.append((layer, state))
             after_conv = state.kind == "Conv2D"
         outputs = x if isinstance(x, list) else [x] * len(task_names)
         model = keras.Model(inputs, dict(zip(task_names, outputs)), name=name)
-    for layer, state in layers:
+    for layer, state in built:
         set_layer_weights(layer, state)
     return model
 

@@ -404,9 +404,7 @@ def zip_models(
         seed=seed,
     )
     plan = plans[task_names[0]]
-    calibration = {
-        t: _inputs_only(calibration[t], plan.input_shape, t, "calibration data") for t in task_names
-    }
+    calibration = _calibration_inputs(calibration, plan, task_names)
     _check_side_data(evaluation, retrain, task_names)
     hidden = plan.hidden_units
     widths = [min(plans[t].hidden_units[i].units for t in task_names) for i in range(len(hidden))]
@@ -537,9 +535,7 @@ def add_task(
         )
         state.sharing.append(state.shared_units == 0)  # nothing to join: trivially sharing
         state.common_input = state.common_input and own.common_input
-    calibration = {
-        t: _inputs_only(calibration[t], plan.input_shape, t, "calibration data") for t in task_names
-    }
+    calibration = _calibration_inputs(calibration, plan, task_names)
     config = dict(
         matching=matching,
         criterion="hessian",
@@ -568,6 +564,13 @@ def add_task(
     separate = sum(stack.task_model(zipped, t).count_params() for t in old_tasks)
     _finish(result, report, separate + model.count_params())
     return result, report
+
+
+def _calibration_inputs(calibration: Mapping, plan: graph.Plan, task_names: list) -> dict:
+    """{task: dataset of inputs only}, each checked against the models' input shape."""
+    return {
+        t: _inputs_only(calibration[t], plan.input_shape, t, "calibration data") for t in task_names
+    }
 
 
 def _check_tasks(values, task_names: list[str], what: str) -> None:
