@@ -8,11 +8,11 @@ n neurons, Y = W[:, keep] (d, k). Neuron Merging approximates
 
 i.e. every pruned neuron w_i is replaced by z·y_j, a positive multiple of one kept neuron.
 Because f is *positively homogeneous* (f(z·t) = z·f(t) for z > 0: ReLU, leaky ReLU, linear),
-f(W x) ≈ f(Y Z x)... more precisely a_i = f(w_i·x) ≈ z·f(y_j·x) = z·a_j, so the next layer
-with kernel K (n, q) sees K^T a ≈ (Z K)^T a_keep: the compensation folds into the next layer,
-whose kernel becomes Z K (k, q). Kept neuron j has Z[j, j'] = 1 at its own column; a neuron
-pruned without a partner has a zero column (plain pruning). Nothing else changes, and when a
-pruned neuron *is* a positive multiple of a kept one the merged model is exact.
+a_i = f(w_i·x) ≈ f(z·y_j·x) = z·a_j. The next layer, with kernel K (n, q) (Keras layout),
+computes K^T a ≈ (Z K)^T a_keep, so the compensation folds into it: its kernel becomes Z K
+(k, q). Kept neuron j has Z[j, keep[j]] = 1; a neuron pruned without a partner has a zero column
+(plain pruning). Nothing else changes, and when a pruned neuron *is* a positive multiple of a
+kept one the merged model computes exactly what the original did.
 
 MostSim (layers without BatchNorm): neuron i's vector v_i is its incoming weights followed by
 its bias. Each pruned i picks the kept j with the largest cosine similarity; if that is at
@@ -630,10 +630,13 @@ def compress(
 
     # Consumer folds and output slices commute, so each layer is updated once from originals.
     weights: dict[str, list[np.ndarray]] = {}
+    dtypes: dict[str, list[np.dtype]] = {}
 
     def current(layer_name):
         if layer_name not in weights:
-            weights[layer_name] = [_float(w) for w in model.get_layer(layer_name).get_weights()]
+            arrays = model.get_layer(layer_name).get_weights()
+            dtypes[layer_name] = [w.dtype for w in arrays]
+            weights[layer_name] = [_float(w) for w in arrays]
         return weights[layer_name]
 
     for name, (keep, z) in plans.items():
@@ -648,9 +651,8 @@ def compress(
             kernel_and_bias = current(consumer)
             kernel_and_bias[0] = _fold_input(kernel_and_bias[0], z, positions)
     widths = {name: len(keep) for name, (keep, _) in plans.items()}
-    dtypes = {layer.name: [w.dtype for w in layer.get_weights()] for layer in model.layers}
     cast = {
-        name: [w.astype(dtype) for w, dtype in zip(ws, dtypes[name])]
+        name: [w.astype(dtype) for w, dtype in zip(ws, dtypes[name], strict=True)]
         for name, ws in weights.items()
     }
     new_model = surgery.rebuild(model, widths, cast)
