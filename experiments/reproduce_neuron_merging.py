@@ -184,15 +184,20 @@ def _sweep(model, val, test, ratios, thresholds):
         }
         for scale in neuron_merging.SCALES:
             best = None
+            row[f"merge_{scale}_val_by_threshold"] = {}
             for threshold in thresholds:
-                merged = neuron_merging.compress(model, ratio, threshold=threshold, scale=scale)
+                merged, reports = neuron_merging.compress(
+                    model, ratio, threshold=threshold, scale=scale, return_report=True
+                )
                 val_acc = training.accuracy(merged, *val)
+                row[f"merge_{scale}_val_by_threshold"][str(threshold)] = val_acc
                 if best is None or val_acc > best[0]:
-                    best = (val_acc, threshold, merged)
-            val_acc, threshold, merged = best
+                    best = (val_acc, threshold, merged, reports)
+            val_acc, threshold, merged, reports = best
             row[f"merge_{scale}_val"] = val_acc
             row[f"merge_{scale}_threshold"] = threshold
             row[f"merge_{scale}_test"] = training.accuracy(merged, *test)
+            row[f"merge_{scale}_merged"] = {r.name: [r.kept, r.merged] for r in reports}
         logging.info("ratio %.2f: %s", ratio, row)
         rows.append(row)
     return rows
