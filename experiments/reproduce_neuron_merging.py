@@ -39,9 +39,10 @@ flags.DEFINE_integer("lenet5_epochs", 4, "conv: LeNet-5 training epochs.")
 flags.DEFINE_integer("vgg_epochs", 4, "conv: VGG-16 training epochs.")
 flags.DEFINE_float("vgg_width", 0.25, "conv: VGG-16 width multiplier.")
 flags.DEFINE_integer("seed", 0, "Seed for the validation split, initialisation and training.")
-flags.DEFINE_list("conv_ratios", ["0.2", "0.4", "0.6"], "conv: pruning ratios.")
 flags.DEFINE_list(
-    "thresholds", ["0.1", "0.3", "0.45", "0.6"], "conv: merge thresholds tried on validation."
+    "thresholds",
+    ["0", "0.1", "0.3", "0.45"],
+    "conv: merge thresholds (cosine similarity) tried on the validation split.",
 )
 
 PUBLISHED_L1 = {0.5: (88.40, 88.69), 0.6: (85.17, 86.92), 0.7: (71.26, 82.75), 0.8: (66.76, 80.02)}
@@ -171,12 +172,25 @@ def _train_or_load(name, build, epochs, train, val):
     return model, seconds
 
 
-def _sweep(model, val, test, ratios, thresholds):
-    """Prune vs merge (reference and exact scale) per ratio; threshold chosen on validation."""
+def _settings(name: str) -> list[tuple[str, float | dict[str, float]]]:
+    """The pruning settings of one model: (label, ratio for compress)."""
+    if name == "lenet5":
+        uniform = [(f"all layers {r:.0%}", r) for r in (0.2, 0.4, 0.6)]
+        return uniform + [(f"fc1 {r:.0%}", {"fc1": r}) for r in (0.5, 0.7, 0.9)]
+    late = ("conv11", "conv12", "conv13", "fc1")  # The parameter-heavy end of VGG-16.
+    uniform = [(f"all layers {r:.0%}", r) for r in (0.05, 0.1, 0.2)]
+    return uniform + [
+        (f"conv11-13, fc1 {r:.0%}", dict.fromkeys(late, r)) for r in (0.25, 0.5, 0.75)
+    ]
+
+
+def _sweep(model, val, test, settings, thresholds):
+    """Prune vs merge (reference and exact scale) per setting; threshold chosen on validation."""
     rows = []
-    for ratio in ratios:
+    for label, ratio in settings:
         pruned = neuron_merging.compress(model, ratio, merge=False)
         row = {
+            "setting": label,
             "ratio": ratio,
             "params": int(pruned.count_params()),
             "prune_val": training.accuracy(pruned, *val),
@@ -198,7 +212,7 @@ def _sweep(model, val, test, ratios, thresholds):
             row[f"merge_{scale}_threshold"] = threshold
             row[f"merge_{scale}_test"] = training.accuracy(merged, *test)
             row[f"merge_{scale}_merged"] = {r.name: [r.kept, r.merged] for r in reports}
-        logging.info("ratio %.2f: %s", ratio, row)
+        logging.info("%s: %s", label, row)
         rows.append(row)
     return rows
 
@@ -209,7 +223,6 @@ def run_conv() -> None:
     train, val = data.train_validation_split(x_all, labels, 5000, seed=FLAGS.seed)
     test_images, test_labels = data.load("fashion_mnist", split="test", data_dir=FLAGS.data_dir)
     test = (data.normalize(test_images, "symmetric"), test_labels)
-    ratios = [float(r) for r in FLAGS.conv_ratios]
     thresholds = [float(t) for t in FLAGS.thresholds]
     specs = [
         ("lenet5", lambda: models.lenet5(seed=FLAGS.seed), FLAGS.lenet5_epochs),
@@ -232,22 +245,22 @@ def run_conv() -> None:
             "val": training.accuracy(model, *val),
             "test": training.accuracy(model, *test),
         }
-        entry["rows"] = _sweep(model, val, test, ratios, thresholds)
+        entry["rows"] = _sweep(model, val, test, _settings(name), thresholds)
         results[name] = entry
     lines = [
         "# Neuron Merging on our own Fashion-MNIST models (no fine-tuning)",
         "",
         f"LeNet-5 (Caffe variant) and CIFAR-style VGG-16 with BatchNorm at width "
-        f"{FLAGS.vgg_width}, trained here with Adam (lr 1e-3, batch 128; LeNet-5 "
-        f"{FLAGS.lenet5_epochs} epochs, VGG-16 {FLAGS.vgg_epochs} epochs) on 55,000 Fashion-MNIST "
-        "training images, inputs (x/255 - 0.5)/0.5. 5,000 training images are held out as the "
-        "validation split: the merge threshold of each cell is chosen there from "
-        f"{thresholds} (λ = 0.85 for BatchNorm layers). Test accuracy on the 10,000 test "
-        "images is only reported. Every prunable layer loses the ratio of its neurons by "
-        "l1-norm: LeNet-5 conv1, conv2, fc1; VGG-16 all 13 convs and fc1 (the output layer is "
-        "never pruned). `merge (reference)` uses the reference code's BatchNorm scale, `merge "
-        "(exact)` the exact slope s·(γ_i/γ_j)·(σ_j/σ_i); they coincide for LeNet-5 (no "
-        "BatchNorm).",
+        f"{FLAGS.vgg_width} (16-128 channels), trained here with Adam (lr 1e-3, batch 128, "
+        f"no weight decay; LeNet-5 {FLAGS.lenet5_epochs} epochs, VGG-16 {FLAGS.vgg_epochs} "
+        "epochs) on 55,000 Fashion-MNIST training images, inputs (x/255 - 0.5)/0.5. The "
+        "other 5,000 training images are the validation split: the merge threshold of each "
+        f"cell is chosen there from {thresholds} (0 merges every pruned neuron; λ = 0.85 for "
+        "BatchNorm layers). Test accuracy (10,000 images) is only reported. Neurons are "
+        "chosen by l1-norm; `all layers` prunes every prunable layer (LeNet-5: conv1, conv2, "
+        "fc1; VGG-16: conv1-13 and fc1; output layers never). `merge (reference)` uses the "
+        "reference code's BatchNorm scale, `merge (exact)` the exact slope "
+        "s·(γ_i/γ_j)·(σ_j/σ_i); they coincide for LeNet-5, which has no BatchNorm.",
         "",
         "Regenerate (from the repository root; trains the models once, then reuses them from "
         f"`{FLAGS.model_dir}`):",
@@ -268,7 +281,7 @@ def run_conv() -> None:
         ]
         for row in entry["rows"]:
             lines.append(
-                f"| {int(round(100 * row['ratio']))} % | {row['params']:,} | "
+                f"| {row['setting']} | {row['params']:,} | "
                 f"{100 * row['params'] / entry['params']:.1f} | {_pct(row['prune_test'])} | "
                 f"{_pct(row['merge_reference_test'])} [{row['merge_reference_threshold']}] | "
                 f"{_pct(row['merge_exact_test'])} [{row['merge_exact_threshold']}] |"
@@ -276,7 +289,8 @@ def run_conv() -> None:
         lines.append("")
     lines += [
         "Test accuracy in %; [t] the merge threshold chosen on the validation split. "
-        "Validation accuracies are in the JSON file.",
+        "Validation accuracies for every threshold and the merged-neuron counts per layer are "
+        "in the JSON file.",
         "",
     ]
     payload = {"command": _command(), "thresholds": thresholds, "models": results}

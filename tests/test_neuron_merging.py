@@ -262,6 +262,16 @@ def test_prune_only_equals_ignoring_the_removed_channels():
     assert pruned.count_params() < model.count_params()
 
 
+def test_vgg16_chain_prunes_every_conv_and_fc1():
+    model = models.vgg16(input_shape=(28, 28, 1), width_multiplier=0.0625, seed=0)
+    assert nm.prunable_layers(model) == [f"conv{i}" for i in range(1, 14)] + ["fc1"]
+    merged, report = nm.compress(model, 0.5, threshold=0.0, return_report=True)
+    assert all(r.batch_norm is not None for r in report)
+    assert all(r.merged == r.units - r.kept for r in report)  # Threshold 0: all merged.
+    assert merged.get_layer("fc2").kernel.shape == (16, 10)
+    assert merged.output_shape == model.output_shape
+
+
 def test_residual_blocks_prune_only_the_inner_conv():
     model = models.resnet20(input_shape=(8, 8, 3), width_multiplier=0.5, seed=0)
     names = nm.prunable_layers(model)
