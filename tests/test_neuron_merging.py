@@ -380,6 +380,18 @@ def test_unsupported_layer_is_named():
         nm.prunable_layers(model)
 
 
+def test_grouped_convolution_is_named():
+    inputs = keras.Input((6, 6, 4))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="c")(inputs)
+    x = keras.layers.Conv2D(4, 3, groups=2, activation="relu", name="g")(x)
+    outputs = keras.layers.Dense(2, name="out")(keras.layers.Flatten()(x))
+    model = keras.Model(inputs, outputs)
+    with pytest.raises(ValueError, match="Cannot prune layer 'c'.*grouped convolution"):
+        nm.compress(model, 0.5)
+    with pytest.raises(ValueError, match="Cannot prune layer 'g'.*grouped convolution"):
+        nm.compress(model, {"g": 0.5})
+
+
 def test_batch_norm_after_the_activation_is_refused():
     inputs = keras.Input((4,))
     x = keras.layers.Dense(6, activation="relu", name="hidden")(inputs)

@@ -71,6 +71,9 @@ DEFAULT_THRESHOLD_BN = 0.1
 DEFAULT_LAMDA = 0.85
 """λ of the BatchNorm variant (reference VGG-16 and ResNet-56 scripts)."""
 
+_CAPPED_RELU = "relu (max_value/threshold)"
+"""A ReLU layer with a cap or threshold: element-wise, but not positively homogeneous."""
+
 HOMOGENEOUS_ACTIVATIONS = frozenset({"linear", "relu", "leaky_relu"})
 """Activations f with f(z·t) = z·f(t) for every z > 0: merging through them is exact."""
 
@@ -146,7 +149,13 @@ class _Unit:
 
 @dataclasses.dataclass(frozen=True)
 class _Blocked:
-    """A Dense/Conv2D that cannot be pruned: ``coupled`` by design, or ``unsupported``."""
+    """A layer that cannot be pruned.
+
+    ``kind`` is ``"coupled"`` (an output, or channels tied to others by ``Add``/``Concatenate``:
+    left alone by design), ``"skipped"`` (a weight layer of a kind Neuron Merging does not
+    prune, such as ``DepthwiseConv2D``) or ``"unsupported"`` (a Dense/Conv2D whose channels
+    reach a layer the tracer cannot follow: an error, since the result might be wrong).
+    """
 
     name: str
     kind: str
@@ -300,7 +309,7 @@ def _activation_of(layer) -> str | None:
     """Name of the element-wise activation a layer applies, or None if it is not one."""
     if isinstance(layer, keras.layers.ReLU):
         if layer.max_value is not None or layer.threshold:
-            return "relu (max_value/threshold)"
+            return _CAPPED_RELU
         return "leaky_relu" if layer.negative_slope else "relu"
     if isinstance(layer, keras.layers.LeakyReLU):
         return "leaky_relu"
@@ -336,7 +345,7 @@ def _check_weight_layer(layer) -> str | None:
         if layer.groups != 1:
             return f"Conv2D {layer.name!r} is a grouped convolution (groups={layer.groups})"
         return None
-    if type(layer) is keras.layers.Dense or isinstance(layer, keras.layers.Dense):
+    if isinstance(layer, keras.layers.Dense):
         return None
     return f"layer {layer.name!r} ({type(layer).__name__}) is not Dense or Conv2D"
 
@@ -349,8 +358,8 @@ def _trace(model: keras.Model, layer, consumers: dict[str, list]) -> _Unit | _Bl
     """Follows a Dense/Conv2D layer's channels to the weight layers that read them."""
     name = layer.name
     problem = _check_weight_layer(layer)
-    if problem:
-        return _Blocked(name, "unsupported", problem)
+    if problem:  # Not a candidate; an error only if asked for by name.
+        return _Blocked(name, "skipped", problem)
     output_ids = {id(t) for t in model.outputs}
     batch_norm = None
     activations = []
@@ -394,11 +403,8 @@ def _trace(model: keras.Model, layer, consumers: dict[str, list]) -> _Unit | _Bl
                     )
                 batch_norm = reader.name
                 stack.append((reader, flat))
-            elif _activation_of(reader) is not None:
-                activation = _activation_of(reader)
-                if activation not in graph.ELEMENTWISE_ACTIVATIONS and activation not in (
-                    "relu (max_value/threshold)",
-                ):
+            elif (activation := _activation_of(reader)) is not None:
+                if activation not in graph.ELEMENTWISE_ACTIVATIONS | {_CAPPED_RELU}:
                     return _Blocked(
                         name,
                         "unsupported",
