@@ -410,6 +410,11 @@ def test_non_homogeneous_activation_refuses_to_merge_but_prunes(activation):
     assert pruned.get_layer("hidden").units == 3
 
 
+def test_softmax_hidden_layer_cannot_even_be_pruned():
+    with pytest.raises(ValueError, match="'softmax' is not element-wise"):
+        nm.compress(_dense_model(activation="softmax"), 0.5, merge=False)
+
+
 def test_capped_relu_refuses_to_merge():
     inputs = keras.Input((4,))
     x = keras.layers.Dense(6, name="hidden")(inputs)

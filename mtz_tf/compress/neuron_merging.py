@@ -364,6 +364,8 @@ def _trace(model: keras.Model, layer, consumers: dict[str, list]) -> _Unit | _Bl
     batch_norm = None
     activations = []
     own = graph._activation_name(layer.activation)
+    if own not in graph.ELEMENTWISE_ACTIVATIONS:
+        return _Blocked(name, "unsupported", f"its activation {own!r} is not element-wise")
     if own != "linear":
         activations.append(own)
     found: list[tuple[str, int]] = []
