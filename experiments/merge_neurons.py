@@ -68,6 +68,8 @@ flags.DEFINE_enum(
     ["symmetric", "unit"],
     "Input scaling the model was trained with: (x/255-0.5)/0.5 or x/255.",
 )
+flags.register_validator("ratio", lambda r: 0.0 <= r < 1.0, "--ratio must be in [0, 1).")
+flags.register_validator("lamda", lambda v: 0.0 <= v <= 1.0, "--lamda must be in [0, 1].")
 flags.DEFINE_string("output", None, "Where to save the compressed model (.keras).")
 flags.DEFINE_string("results_json", None, "Where to write the configuration and results.")
 
