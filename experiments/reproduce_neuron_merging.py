@@ -184,13 +184,14 @@ def _settings(name: str) -> list[tuple[str, float | dict[str, float]]]:
     ]
 
 
-def _sweep(model, val, test, settings, thresholds):
+def _sweep(model, val, test, settings, thresholds, criterion="l1-norm"):
     """Prune vs merge (reference and exact scale) per setting; threshold chosen on validation."""
     rows = []
     for label, ratio in settings:
-        pruned = neuron_merging.compress(model, ratio, merge=False)
+        pruned = neuron_merging.compress(model, ratio, criterion=criterion, merge=False)
         row = {
             "setting": label,
+            "criterion": criterion,
             "ratio": ratio,
             "params": int(pruned.count_params()),
             "prune_val": training.accuracy(pruned, *val),
@@ -201,7 +202,12 @@ def _sweep(model, val, test, settings, thresholds):
             row[f"merge_{scale}_val_by_threshold"] = {}
             for threshold in thresholds:
                 merged, reports = neuron_merging.compress(
-                    model, ratio, threshold=threshold, scale=scale, return_report=True
+                    model,
+                    ratio,
+                    criterion=criterion,
+                    threshold=threshold,
+                    scale=scale,
+                    return_report=True,
                 )
                 val_acc = training.accuracy(merged, *val)
                 row[f"merge_{scale}_val_by_threshold"][str(threshold)] = val_acc
@@ -246,6 +252,10 @@ def run_conv() -> None:
             "test": training.accuracy(model, *test),
         }
         entry["rows"] = _sweep(model, val, test, _settings(name), thresholds)
+        if name == "vgg16":  # The paper's VGG-16 table compares the criteria too.
+            late = [row for row in _settings(name) if row[0].startswith("conv11")][:2]
+            for criterion in ("l2-norm", "l2-GM"):
+                entry["rows"] += _sweep(model, val, test, late, thresholds, criterion)
         results[name] = entry
     lines = [
         "# Neuron Merging on our own Fashion-MNIST models (no fine-tuning)",
@@ -257,7 +267,8 @@ def run_conv() -> None:
         "other 5,000 training images are the validation split: the merge threshold of each "
         f"cell is chosen there from {thresholds} (0 merges every pruned neuron; λ = 0.85 for "
         "BatchNorm layers). Test accuracy (10,000 images) is only reported. Neurons are "
-        "chosen by l1-norm; `all layers` prunes every prunable layer (LeNet-5: conv1, conv2, "
+        "chosen by l1-norm unless the criterion column says otherwise; `all layers` prunes "
+        "every prunable layer (LeNet-5: conv1, conv2, "
         "fc1; VGG-16: conv1-13 and fc1; output layers never). `merge (reference)` uses the "
         "reference code's BatchNorm scale, `merge (exact)` the exact slope "
         "s·(γ_i/γ_j)·(σ_j/σ_i); they coincide for LeNet-5, which has no BatchNorm.",
@@ -275,13 +286,14 @@ def run_conv() -> None:
             f"## {name}: baseline {_pct(entry['test'])} % test ({_pct(entry['val'])} % "
             f"validation), {entry['params']:,} parameters",
             "",
-            "| pruned | parameters | % of baseline | prune only % | merge (reference) % "
+            "| pruned | criterion | parameters | % of baseline | prune only % | "
+            "merge (reference) % "
             "[t] | merge (exact) % [t] |",
-            "|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|",
         ]
         for row in entry["rows"]:
             lines.append(
-                f"| {row['setting']} | {row['params']:,} | "
+                f"| {row['setting']} | {row['criterion']} | {row['params']:,} | "
                 f"{100 * row['params'] / entry['params']:.1f} | {_pct(row['prune_test'])} | "
                 f"{_pct(row['merge_reference_test'])} [{row['merge_reference_threshold']}] | "
                 f"{_pct(row['merge_exact_test'])} [{row['merge_exact_threshold']}] |"
