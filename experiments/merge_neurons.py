@@ -25,8 +25,8 @@ import tempfile
 import keras
 from absl import app, flags, logging
 
-from mtz_tf import data, training
-from mtz_tf.compress import criteria, neuron_merging, torch_weights
+from mtz_tf import data, torch_weights, training
+from mtz_tf.compress import criteria, neuron_merging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Input model, a .keras file (logits output).")

@@ -21,8 +21,8 @@ import time
 import keras
 from absl import app, flags, logging
 
-from mtz_tf import data, models, training
-from mtz_tf.compress import neuron_merging, torch_weights
+from mtz_tf import data, models, torch_weights, training
+from mtz_tf.compress import neuron_merging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("experiment", "lenet300", ["lenet300", "conv"], "Which table to write.")

@@ -6,7 +6,7 @@ layers (:class:`ZippedDense`, :class:`ZippedConv2D`), deployment (:func:`export`
 ``matching``, ``graph``, ``stack``, ``training``.
 """
 
-from mtz_tf import cost, data, graph, hessian, matching, models, stack, training
+from mtz_tf import compress, cost, data, graph, hessian, matching, models, stack, training
 from mtz_tf.allocation import ShareBudget, shared_fraction
 from mtz_tf.deploy_report import DeploymentReport, deployment_report, size_speed_report
 from mtz_tf.exporter import ParityError, export
@@ -28,6 +28,7 @@ __all__ = [
     "ZippedConv2D",
     "ZippedDense",
     "add_task",
+    "compress",
     "cost",
     "data",
     "deployment_report",

@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from mtz_tf import data, models, training
-from mtz_tf.compress import criteria, torch_weights
+from mtz_tf import data, models, torch_weights, training
+from mtz_tf.compress import criteria
 from mtz_tf.compress import neuron_merging as nm
 
 NPZ = "/work/shared/data/lenet300100_fashion_mnist_torch.npz"
