@@ -321,3 +321,40 @@ def task_model(zipped: keras.Model, task: str) -> keras.Model:
         else:
             x = layer.__class__.from_config(layer.get_config())(x)
     return keras.Model(inputs, x, name=f"{zipped.name}_{task}")
+
+
+def multi_head_model(zipped: keras.Model) -> keras.Model:
+    """A plain Keras model of a zipped model whose hidden layers are all fully shared.
+
+    When every hidden layer computes one tensor for all tasks (fully shared, common input,
+    no per-task BatchNorm), the zipped model is an ordinary trunk with one head per task;
+    this rebuilds it from ordinary layers (heads named ``<head>_<task>``), e.g. to compress
+    it further with Neuron Merging. Outputs equal ``zipped``'s.
+    """
+    zipped_list = zipped_layers(zipped)
+    hidden, head = zipped_list[:-1], zipped_list[-1]
+    unshared = [layer.name for layer in hidden if not layer.common_output]
+    if unshared:
+        raise ValueError(
+            f"Layers {unshared} are not fully shared by all tasks (or keep per-task "
+            "BatchNorm); only a zip with share=1.0 (and batch_norm='fold' for BN models) is "
+            "an ordinary multi-head model."
+        )
+    tasks = list(zipped.output)
+    x = inputs = keras.Input(shape=zipped.input.shape[1:], name="input")
+    for layer in zipped.layers:
+        if isinstance(layer, keras.layers.InputLayer) or layer is head:
+            continue
+        if isinstance(layer, _ZippedLayer):
+            for plain in layer.task_layers(tasks[0]):
+                x = plain(x)
+        else:
+            x = layer.__class__.from_config(layer.get_config())(x)
+    outputs = {}
+    for task in tasks:
+        y = x
+        for plain in head.task_layers(task):
+            plain.name = f"{plain.name}_{task}"
+            y = plain(y)
+        outputs[task] = y
+    return keras.Model(inputs, outputs, name=f"{zipped.name}_multi_head")

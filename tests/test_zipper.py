@@ -297,3 +297,19 @@ def test_share_budget_allocates_counts_to_meet_the_target(lenet_a, lenet_b, cali
         mtz_tf.ShareBudget(parameters=0.5, cost=1.0)
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
         mtz_tf.ShareBudget(parameters=1.5)
+
+
+def test_multi_head_model_then_neuron_merging(lenet_a, lenet_b, calibration, fashion):
+    calib = {"a": calibration, "b": calibration}
+    zipped, _ = mtz_tf.zip_models({"a": lenet_a, "b": lenet_b}, calib, verbose=0)
+    plain = mtz_tf.stack.multi_head_model(zipped)
+    assert not any(isinstance(layer, mtz_tf.ZippedDense) for layer in plain.layers)
+    x = fashion[2][:100]
+    for task in ("a", "b"):
+        assert max_abs_diff(plain(x)[task], zipped(x)[task]) < 1e-5
+    smaller = mtz_tf.compress.merge_neurons(plain, 0.5)
+    hidden = [layer.units for layer in smaller.layers if isinstance(layer, keras.layers.Dense)]
+    assert hidden[:2] == [150, 50] and set(smaller(x)) == {"a", "b"}
+    partial, _ = mtz_tf.zip_models({"a": lenet_a, "b": lenet_b}, calib, share=0.5, verbose=0)
+    with pytest.raises(ValueError, match="not fully shared"):
+        mtz_tf.stack.multi_head_model(partial)
