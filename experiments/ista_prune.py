@@ -14,8 +14,8 @@ For one model (VGG-16 at a small width, or ResNet-20), this binary
    validation/test accuracy to --output_dir.
 
 Example:
-    python experiments/ista_prune.py --model=resnet20 --width_multiplier=0.5 \
-        --rhos=0.001,0.003,0.01 --output_dir=results/ista_runs/resnet20
+    python experiments/ista_prune.py --model=resnet20 --width_multiplier=0.5
+        --rhos=0.05,0.1,0.2 --output_dir=artifacts/ista/resnet20
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from mtz_tf.compress import flops, ista, l1_filter_pruning
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "vgg16", ["vgg16", "resnet20"], "Network to prune.")
-flags.DEFINE_float("width_multiplier", 0.25, "Width multiplier of the network (unitless).")
+flags.DEFINE_float(
+    "width_multiplier", 0.25, "Width multiplier of the network's hidden widths (unitless)."
+)
 flags.DEFINE_list(
     "rhos",
     ["0.05", "0.1", "0.2"],
@@ -44,20 +46,36 @@ flags.DEFINE_list(
     "--output_dir/results.json for the same configuration are reused.",
 )
 flags.DEFINE_float("alpha", 1.0, "gamma-W rescaling factor alpha (unitless, > 0).")
-flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate of the ISTA phase (per step).")
 flags.DEFINE_float(
-    "fine_tune_learning_rate", 0.01, "SGD learning rate of fine-tuning, ISTA and l1 (per step)."
+    "learning_rate", 0.01, "SGD learning rate mu_t of the ISTA phase (unitless step size)."
+)
+flags.DEFINE_float(
+    "fine_tune_learning_rate",
+    0.01,
+    "SGD learning rate of fine-tuning, after ISTA and after l1 pruning (unitless step size).",
 )
 flags.DEFINE_float("momentum", 0.9, "SGD momentum of the non-gamma variables (unitless).")
 flags.DEFINE_integer("steps", 600, "ISTA training steps (batches).")
 flags.DEFINE_integer("fine_tune_steps", 300, "Fine-tuning steps after channel removal (batches).")
-flags.DEFINE_integer("pretrain_epochs", 6, "Epochs of from-scratch training (Adam, 1e-3).")
+flags.DEFINE_integer(
+    "pretrain_epochs",
+    6,
+    "Epochs (passes over --train_size examples) of from-scratch training, Adam lr 1e-3.",
+)
 flags.DEFINE_integer("batch_size", 128, "Batch size (examples).")
 flags.DEFINE_integer("train_size", 20000, "Training examples used (a seeded subset).")
 flags.DEFINE_integer("validation_size", 5000, "Validation examples split off the training set.")
 flags.DEFINE_integer("seed", 0, "Seed of the data subset, initialisation and shuffling.")
-flags.DEFINE_string("output_dir", None, "Directory for the JSON/Markdown results and models.")
-flags.DEFINE_string("data_dir", None, "Directory of Fashion-MNIST IDX files (None: default).")
+flags.DEFINE_string(
+    "output_dir",
+    None,
+    "Directory for results.json/results.md, the pre-trained and pruned .keras models (required).",
+)
+flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Directory of Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist).",
+)
 flags.mark_flag_as_required("output_dir")
 
 
@@ -195,6 +213,7 @@ def main(argv):
             momentum=FLAGS.momentum,
             batch_size=FLAGS.batch_size,
             seed=FLAGS.seed,
+            validation=val,
             verbose=2,
         )
         rows.append(

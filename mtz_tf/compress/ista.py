@@ -32,7 +32,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from mtz_tf import data
+from mtz_tf import data, training
 from mtz_tf.compress import bn_graph, flops, surgery
 
 
@@ -504,6 +504,9 @@ class ISTAReport:
             (:func:`mtz_tf.compress.flops.count_flops`).
         channels: {BatchNorm name: [channels before, channels after]}.
         sparse_train_loss: float, training loss at the end of the ISTA phase.
+        validation_accuracy: {stage: accuracy} on the ``validation`` data when given:
+            "input", "sparse" (after ISTA, before removal), "removed" (after removal and
+            undoing the rescaling, before fine-tuning), "fine_tuned".
     """
 
     rho: float
@@ -516,6 +519,7 @@ class ISTAReport:
     flops_after: int
     channels: dict
     sparse_train_loss: float
+    validation_accuracy: dict = dataclasses.field(default_factory=dict)
 
 
 def ista_prune(
@@ -532,6 +536,7 @@ def ista_prune(
     momentum: float = 0.9,
     batch_size: int = 128,
     seed: int = 0,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
     verbose: int = 0,
 ) -> tuple[keras.Model, ISTAReport]:
     """The whole method: rescale gammas by alpha, ISTA-train, remove zero channels, undo the
@@ -549,11 +554,19 @@ def ista_prune(
         momentum: float, SGD momentum of the non-gamma variables.
         batch_size: int.
         seed: int, seeds shuffling and Keras.
+        validation: optional ``(x, y)``; accuracies after each stage go into the report.
         verbose: int, Keras progress verbosity.
 
     Returns:
         ``(pruned_model, report)``: a new, physically smaller model and an :class:`ISTAReport`.
     """
+    accuracies = {}
+
+    def evaluate(stage, m):
+        if validation is not None:
+            accuracies[stage] = training.accuracy(m, *validation)
+
+    evaluate("input", model)
     sparse = rescale_gamma(model, alpha)
     history = train_sparse(
         sparse,
@@ -567,7 +580,9 @@ def ista_prune(
         seed=seed,
         verbose=verbose,
     )
+    evaluate("sparse", sparse)
     pruned = rescale_gamma(remove_zero_channels(sparse), 1.0 / alpha)
+    evaluate("removed", pruned)
     fine_tune(
         pruned,
         x,
@@ -579,6 +594,7 @@ def ista_prune(
         seed=seed + 1,
         verbose=verbose,
     )
+    evaluate("fine_tuned", pruned)
     before, after = bn_channel_counts(model), bn_channel_counts(pruned)
     report = ISTAReport(
         rho=float(rho),
@@ -591,5 +607,6 @@ def ista_prune(
         flops_after=flops.count_flops(pruned),
         channels={k: [v["channels"], after[k]["channels"]] for k, v in before.items()},
         sparse_train_loss=float(history.history["loss"][-1]),
+        validation_accuracy=accuracies,
     )
     return pruned, report
