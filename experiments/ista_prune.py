@@ -65,6 +65,11 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("batch_size", 128, "Batch size (examples).")
 flags.DEFINE_integer("train_size", 20000, "Training examples used (a seeded subset).")
 flags.DEFINE_integer("validation_size", 5000, "Validation examples split off the training set.")
+flags.DEFINE_integer(
+    "recalibration_examples",
+    2000,
+    "Training examples of the BatchNorm-statistics reset done before every evaluation.",
+)
 flags.DEFINE_integer("seed", 0, "Seed of the data subset, initialisation and shuffling.")
 flags.DEFINE_string(
     "output_dir",
@@ -186,6 +191,8 @@ def main(argv):
             verbose=2,
         )
         pretrained.save(pretrained_path)
+    # Every model is evaluated with BatchNorm statistics recomputed on training examples.
+    ista.recalibrate_batchnorm(pretrained, x_train, FLAGS.recalibration_examples)
     rows = [_row("unpruned", None, pretrained, val, test, time.time() - start)]
     lambdas = ista.memory_lambdas(pretrained)
     penalised = {name for name, lam in lambdas.items() if lam > 0}
@@ -213,6 +220,7 @@ def main(argv):
             momentum=FLAGS.momentum,
             batch_size=FLAGS.batch_size,
             seed=FLAGS.seed,
+            recalibration_examples=FLAGS.recalibration_examples,
             validation=val,
             verbose=2,
         )
@@ -236,6 +244,7 @@ def main(argv):
             seed=FLAGS.seed + 1,
             verbose=2,
         )
+        ista.recalibrate_batchnorm(baseline, x_train, FLAGS.recalibration_examples)
         rows.append(
             _row(
                 "l1-norm",
@@ -268,6 +277,7 @@ _OWN_FLAGS = (
     "batch_size",
     "train_size",
     "validation_size",
+    "recalibration_examples",
     "seed",
     "output_dir",
     "data_dir",
