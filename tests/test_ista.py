@@ -408,3 +408,14 @@ def test_l1_filter_pruning_keeps_largest_filters_and_matches_params():
     assert matched.count_params() <= target and 0 < fraction < 1
     with pytest.raises(ValueError, match="`keep_fraction` must be in"):
         l1_filter_pruning.l1_filter_prune(model, 0.0)
+
+
+def test_recalibrate_batchnorm_sets_exact_batch_statistics():
+    model = _tiny_bn_model()
+    bn = model.get_layer("fc1_bn")
+    x = _inputs((5,), n=64)
+    pre = model.get_layer("fc1")(x).numpy()  # the BatchNorm's input
+    ista.recalibrate_batchnorm(model, x, examples=64)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), pre.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), pre.var(axis=0), rtol=1e-4)
+    assert bn.momentum == 0.99  # restored
