@@ -7,8 +7,8 @@ For one model (VGG-16 at a small width, or ResNet-20), this binary
 2. for each rho in --rhos runs :func:`mtz_tf.compress.ista.ista_prune` (gamma-W rescaling by
    alpha, ISTA training, physical removal of zero-gamma channels, undoing the rescaling,
    fine-tuning with rho = 0);
-3. prunes the same pre-trained model with l1-norm filter pruning to the same parameter
-   count (at most the ISTA model's) and fine-tunes it for as many steps as ISTA trained in
+3. when ISTA removed channels, prunes the same pre-trained model with l1-norm filter pruning
+   to the same parameter count (at most the ISTA model's) and fine-tunes it for as many steps as ISTA trained in
    total (ISTA steps + fine-tuning steps);
 4. writes JSON and a Markdown table of parameters, FLOPs (multiply-accumulates) and
    validation/test accuracy to --output_dir.
@@ -112,7 +112,7 @@ def _write_atomic(path, text):
 
 
 def _previous_rows(config):
-    """{rho: [ISTA row, l1 row]} from an earlier results.json of the same configuration."""
+    """{rho: [ISTA row, l1 row if any]} from an earlier results.json of this configuration."""
     path = os.path.join(FLAGS.output_dir, "results.json")
     if not os.path.exists(path):
         return {}
@@ -127,7 +127,15 @@ def _previous_rows(config):
     for row in previous["rows"]:
         if row["rho"] is not None:
             done.setdefault(float(row["rho"]), []).append(row)
-    return {rho: pair for rho, pair in done.items() if len(pair) == 2}
+    return {rho: rows for rho, rows in done.items() if rows[0]["method"] == "ISTA"}
+
+
+def _write_results(config, lambdas, rows):
+    results = {"config": config, "lambdas": lambdas, "rows": rows}
+    _write_atomic(
+        os.path.join(FLAGS.output_dir, "results.json"), json.dumps(results, indent=2) + "\n"
+    )
+    _write_atomic(os.path.join(FLAGS.output_dir, "results.md"), _markdown(config, rows))
 
 
 def _markdown(config, rows):
@@ -229,6 +237,10 @@ def main(argv):
         )
         pruned.save(os.path.join(FLAGS.output_dir, f"ista_rho{rho}.keras"))
 
+        if report.params_after == report.params_before:
+            logging.info("rho=%g removed no channel; no l1-norm baseline to match", rho)
+            _write_results(config, lambdas, rows)
+            continue
         start = time.time()
         baseline, fraction = l1_filter_pruning.l1_filter_prune_to_params(
             pretrained, report.params_after, bn_names=penalised
@@ -256,11 +268,7 @@ def main(argv):
                 {"keep_fraction": fraction},
             )
         )
-        results = {"config": config, "lambdas": lambdas, "rows": rows}
-        _write_atomic(
-            os.path.join(FLAGS.output_dir, "results.json"), json.dumps(results, indent=2) + "\n"
-        )
-        _write_atomic(os.path.join(FLAGS.output_dir, "results.md"), _markdown(config, rows))
+        _write_results(config, lambdas, rows)
     logging.info("Results in %s", FLAGS.output_dir)
 
 
