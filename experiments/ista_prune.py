@@ -8,8 +8,8 @@ For one model (VGG-16 at a small width, or ResNet-20), this binary
    alpha, ISTA training, physical removal of zero-gamma channels, undoing the rescaling,
    fine-tuning with rho = 0);
 3. when ISTA removed channels, prunes the same pre-trained model with l1-norm filter pruning
-   to the same parameter count (at most the ISTA model's) and fine-tunes it for as many steps as ISTA trained in
-   total (ISTA steps + fine-tuning steps);
+   to the same parameter count (at most the ISTA model's) and fine-tunes it for as many
+   steps as ISTA trained in total (ISTA steps + fine-tuning steps);
 4. writes JSON and a Markdown table of parameters, FLOPs (multiply-accumulates) and
    validation/test accuracy to --output_dir.
 
