@@ -65,6 +65,13 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("batch_size", 128, "Batch size (examples).")
 flags.DEFINE_integer("train_size", 20000, "Training examples used (a seeded subset).")
 flags.DEFINE_integer("validation_size", 5000, "Validation examples split off the training set.")
+flags.DEFINE_enum(
+    "absorption",
+    "interior",
+    ["interior", "mean"],
+    "How a removed channel's constant enters same-padded 3x3 readers: exact away from the "
+    "zero-padded border, or zero mean error over positions (see remove_zero_channels).",
+)
 flags.DEFINE_integer(
     "recalibration_examples",
     2000,
@@ -119,7 +126,12 @@ def _previous_rows(config):
     with open(path) as f:
         previous = json.load(f)
     ignored = ("rhos", "command")
-    same = all(previous["config"].get(k) == v for k, v in config.items() if k not in ignored)
+    # A flag added after that run counts as having had its default value.
+    same = all(
+        previous["config"].get(k, FLAGS[k].default) == v
+        for k, v in config.items()
+        if k not in ignored
+    )
     if not same:
         logging.warning("%s holds another configuration; it will be overwritten", path)
         return {}
@@ -228,6 +240,7 @@ def main(argv):
             momentum=FLAGS.momentum,
             batch_size=FLAGS.batch_size,
             seed=FLAGS.seed,
+            absorption=FLAGS.absorption,
             recalibration_examples=FLAGS.recalibration_examples,
             validation=val,
             verbose=2,
@@ -285,6 +298,7 @@ _OWN_FLAGS = (
     "batch_size",
     "train_size",
     "validation_size",
+    "absorption",
     "recalibration_examples",
     "seed",
     "output_dir",

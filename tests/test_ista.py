@@ -290,6 +290,26 @@ def test_same_padding_border_effect_is_confined_to_the_border():
     diff = np.abs(pruned.predict(x, verbose=0) - model.predict(x, verbose=0))
     np.testing.assert_allclose(diff[:, 1:-1, 1:-1], 0.0, atol=1e-5)
     assert diff[:, 0].max() > 1e-3  # zero padding never carried the constant
+    # "mean" absorption: the per-channel error averages to zero over output positions.
+    mean_pruned = ista.remove_zero_channels(model, absorption="mean")
+    error = mean_pruned.predict(x, verbose=0) - model.predict(x, verbose=0)  # (n, 9, 9, 3)
+    np.testing.assert_allclose(error.mean(axis=(1, 2)), 0.0, atol=1e-5)
+    assert np.abs(error[:, 1:-1, 1:-1]).max() > 1e-4  # no longer exact inside
+    with pytest.raises(ValueError, match="`absorption` must be one of"):
+        ista.remove_zero_channels(model, absorption="border")
+
+
+def test_tap_coverage_against_explicit_loop():
+    for size, kernel, stride, dilation in [(2, 3, 1, 1), (9, 3, 2, 1), (7, 5, 1, 2), (1, 3, 1, 1)]:
+        outputs = -(-size // stride)
+        pad = max((outputs - 1) * stride + (kernel - 1) * dilation + 1 - size, 0) // 2
+        expected = [
+            np.mean([0 <= i * stride + t * dilation - pad < size for i in range(outputs)])
+            for t in range(kernel)
+        ]
+        got = ista.tap_coverage(size, kernel, stride, dilation, "same")
+        np.testing.assert_allclose(got, expected)
+    np.testing.assert_array_equal(ista.tap_coverage(5, 3, 1, 1, "valid"), np.ones(3))
 
 
 def test_all_zero_group_keeps_one_channel_and_nothing_zero_changes_nothing():

@@ -293,15 +293,52 @@ def group_constants(
     return constants
 
 
-def _kernel_per_channel(kernel: np.ndarray, rows_per_channel: int, width: int) -> np.ndarray:
+_ABSORPTIONS = ("interior", "mean")
+
+
+def tap_coverage(size: int, kernel: int, stride: int, dilation: int, padding: str) -> np.ndarray:
+    """Fraction of output positions at which each kernel tap falls inside the input.
+
+    Along one axis of length n, output i and tap t read input i*s + t*d - p_before, with
+    m = ceil(n / s) outputs and p_before = max((m-1)*s + (k-1)*d + 1 - n, 0) // 2 for
+    ``same`` padding (TensorFlow's convention); every tap is always inside for ``valid``.
+
+    Returns:
+        float64 array (kernel,), entries in [0, 1].
+    """
+    if padding == "valid":
+        return np.ones(kernel)
+    outputs = -(-size // stride)
+    pad_before = max((outputs - 1) * stride + (kernel - 1) * dilation + 1 - size, 0) // 2
+    index = (
+        np.arange(outputs)[:, None] * stride + np.arange(kernel)[None, :] * dilation - pad_before
+    )  # (outputs, kernel)
+    return ((index >= 0) & (index < size)).mean(axis=0)
+
+
+def _kernel_per_channel(
+    layer, kernel: np.ndarray, rows_per_channel: int, width: int, absorption: str
+) -> np.ndarray:
     """Sums a reader's kernel over everything but (input channel, output): shape (C, out).
 
-    Conv2D (k_h, k_w, C, out) sums over k_h, k_w; a Dense reading through Flatten has rows
-    ordered (position, channel), (P*C, out) -> (P, C, out), summed over P.
+    Conv2D (k_h, k_w, C, out) sums over k_h, k_w, each tap weighted by 1 ("interior") or by
+    the fraction of output positions where it lies inside the zero-padded input ("mean");
+    a Dense reading through Flatten has rows ordered (position, channel),
+    (P*C, out) -> (P, C, out), summed over P.
     """
-    if kernel.ndim == 4:
+    if kernel.ndim == 2:
+        return kernel.reshape(rows_per_channel, width, kernel.shape[-1]).sum(axis=0)
+    if absorption == "interior":
         return kernel.sum(axis=(0, 1))
-    return kernel.reshape(rows_per_channel, width, kernel.shape[-1]).sum(axis=0)
+    height, width_in = layer.input.shape[1:3]
+    coverage = [
+        tap_coverage(n, k, s, d, layer.padding)
+        for n, k, s, d in zip(
+            (height, width_in), kernel.shape[:2], layer.strides, layer.dilation_rate, strict=True
+        )
+    ]
+    weights = np.outer(*coverage)  # (k_h, k_w): rows and columns are valid independently
+    return np.einsum("hw,hwco->co", weights, kernel)
 
 
 def _slice_kernel_inputs(kernel, keep, rows_per_channel, width):
@@ -328,7 +365,9 @@ def _with_bias(model: keras.Model, names: set[str]) -> keras.Model:
     return new_model
 
 
-def remove_zero_channels(model: keras.Model, tolerance: float = 0.0) -> keras.Model:
+def remove_zero_channels(
+    model: keras.Model, tolerance: float = 0.0, absorption: str = "interior"
+) -> keras.Model:
     """Returns a physically smaller model without the channels whose gammas are all zero.
 
     Channel c of a prunable group is removed when |gamma_w[c]| <= ``tolerance`` for every
@@ -345,22 +384,34 @@ def remove_zero_channels(model: keras.Model, tolerance: float = 0.0) -> keras.Mo
     convolutions, 1x1 convolutions and ``Dense`` readers (through Flatten or global pooling).
     For a k x k ``same``-padded reader it is exact only away from the zero-padded border: at
     border pixels the padding never carried the constant, so those pixels change unless the
-    constant is 0 (ReLU(beta) = 0 for beta <= 0, then nothing is absorbed). Fine-tuning
-    repairs the border. A group whose channels would all go keeps channel 0 (a constant).
+    constant is 0 (ReLU(beta) = 0 for beta <= 0, then nothing is absorbed). On small maps
+    (VGG's 2x2 and 4x4 stages) nearly every pixel is a border pixel; ``absorption="mean"``
+    then weights each tap by the fraction of output positions where it lies inside the input
+    (:func:`tap_coverage`), which is the least-squares bias: the error averages to zero over
+    positions instead of vanishing in the interior. Identical for ``valid``/1x1 readers.
+    BatchNorm recalibration and fine-tuning repair the rest. A group whose channels would
+    all go keeps channel 0 (a constant).
 
     Args:
         model: keras.Model with BatchNorm scales; not modified.
         tolerance: float >= 0, gammas with |gamma| <= tolerance count as zero (0: exact
             zeros, which the ISTA step produces).
+        absorption: str, ``"interior"`` (exact away from zero-padded borders) or ``"mean"``
+            (zero mean error over positions) for same-padded convolution readers.
 
     Returns:
         A new, smaller model (``count_params`` reflects the removal).
 
     Raises:
-        ValueError: for a negative tolerance or a model without BatchNorm scales to prune.
+        ValueError: for a negative tolerance, an unknown ``absorption``, or a model without
+            BatchNorm scales to prune.
     """
     if not tolerance >= 0:
         raise ValueError(f"`tolerance` must be non-negative. Received: tolerance={tolerance}")
+    if absorption not in _ABSORPTIONS:
+        raise ValueError(
+            f"`absorption` must be one of {_ABSORPTIONS}. Received: absorption={absorption!r}"
+        )
     graph = bn_graph.read_bn_graph(model)
     _require_bn(model, graph)
     named: dict[str, dict[str, np.ndarray]] = {}
@@ -390,7 +441,11 @@ def remove_zero_channels(model: keras.Model, tolerance: float = 0.0) -> keras.Mo
             kernel = weights_of(r.name)["kernel"]
             k = np.where(removed, constants[r.member], 0.0)  # (C,)
             per_channel = _kernel_per_channel(
-                kernel.astype(np.float64), r.rows_per_channel, group.width
+                model.get_layer(r.name),
+                kernel.astype(np.float64),
+                r.rows_per_channel,
+                group.width,
+                absorption,
             )
             absorbed[r.name] = absorbed.get(r.name, 0.0) + k @ per_channel  # (out,)
             keep_in[r.name] = (keep, r.rows_per_channel, group.width)
@@ -558,6 +613,7 @@ def ista_prune(
     momentum: float = 0.9,
     batch_size: int = 128,
     seed: int = 0,
+    absorption: str = "interior",
     recalibration_examples: int = 2000,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     verbose: int = 0,
@@ -577,6 +633,7 @@ def ista_prune(
         momentum: float, SGD momentum of the non-gamma variables.
         batch_size: int.
         seed: int, seeds shuffling and Keras.
+        absorption: str, see :func:`remove_zero_channels`.
         recalibration_examples: int, training examples used by
             :func:`recalibrate_batchnorm` after ISTA, after removal and after fine-tuning
             (0: never).
@@ -613,7 +670,7 @@ def ista_prune(
 
     recalibrate(sparse)
     evaluate("sparse", sparse)
-    pruned = rescale_gamma(remove_zero_channels(sparse), 1.0 / alpha)
+    pruned = rescale_gamma(remove_zero_channels(sparse, absorption=absorption), 1.0 / alpha)
     evaluate("removed", pruned)  # before recalibration: shows the border effect alone
     recalibrate(pruned)
     fine_tune(
