@@ -110,7 +110,7 @@ def test_ista_sgd_step_is_exact_and_momentum_free():
     assert np.count_nonzero(gamma.numpy() == 0.0) >= 1
 
 
-def test_ista_sgd_under_model_fit_matches_gradient_tape():
+def test_ista_sgd_under_model_fit_matches_gradient_tape(tmp_path):
     keras.utils.set_random_seed(0)
     model = _tiny_bn_model()
     x = _inputs((5,), n=16)
@@ -126,6 +126,11 @@ def test_ista_sgd_under_model_fit_matches_gradient_tape():
     model.compile(optimizer=ista.ISTASGD({"fc1_bn": lam}, rho, learning_rate=lr), loss=loss_fn)
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     np.testing.assert_allclose(gamma.numpy(), expected, atol=1e-6)
+    path = str(tmp_path / "compiled.keras")  # the optimizer is serialisable with the model
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, ista.ISTASGD)
+    assert loaded.optimizer.lambdas == {"fc1_bn": lam} and loaded.optimizer.rho == rho
 
 
 def test_ista_sgd_config_round_trip_and_errors():
