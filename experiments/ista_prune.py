@@ -282,6 +282,7 @@ def main(argv):
             )
         )
         _write_results(config, lambdas, rows)
+    _write_results(config, lambdas, rows)  # also when the last rhos were reused
     logging.info("Results in %s", FLAGS.output_dir)
 
 
