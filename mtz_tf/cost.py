@@ -29,6 +29,9 @@ damped Hessians: finite for singular H_t, and along input directions no task eve
 (dead inputs) the merged weight is the plain average of the tied weights.
 
 All computation is float64 TensorFlow (runs on a GPU when present); inputs may be NumPy.
+Without a GPU, the Cholesky factorisation and the triangular solves go to LAPACK through
+SciPy, about twice as fast as TensorFlow's CPU kernels for them (benchmarks/bench_cost.py);
+the functions then run eagerly only, which is how the zipper calls them.
 """
 
 from __future__ import annotations
@@ -36,10 +39,40 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.linalg
 import tensorflow as tf
 
 DEFAULT_DAMPING = 1e-6
 """Relative damping δ / mean(diag H); small enough not to move well-conditioned results."""
+
+
+def _use_lapack() -> bool:
+    return not tf.config.list_logical_devices("GPU")
+
+
+def _cholesky(s: tf.Tensor) -> tf.Tensor:
+    """Lower Cholesky factor L of an SPD matrix, S = L Lᵀ."""
+    if _use_lapack():
+        return tf.constant(scipy.linalg.cholesky(s.numpy(), lower=True, check_finite=False))
+    return tf.linalg.cholesky(s)
+
+
+def _solve_lower(chol: tf.Tensor, rhs: tf.Tensor) -> tf.Tensor:
+    """L⁻¹ rhs for a lower-triangular L."""
+    if _use_lapack():
+        return tf.constant(
+            scipy.linalg.solve_triangular(chol.numpy(), rhs.numpy(), lower=True, check_finite=False)
+        )
+    return tf.linalg.triangular_solve(chol, rhs, lower=True)
+
+
+def _cholesky_solve(chol: tf.Tensor, rhs: tf.Tensor) -> tf.Tensor:
+    """S⁻¹ rhs given the Cholesky factor L of S."""
+    if _use_lapack():
+        return tf.constant(
+            scipy.linalg.cho_solve((chol.numpy(), True), rhs.numpy(), check_finite=False)
+        )
+    return tf.linalg.cholesky_solve(chol, rhs)
 
 
 def _as_f64(x) -> tf.Tensor:
@@ -106,9 +139,9 @@ def merge_costs(w_a, w_b, h_a, h_b, damping: float = DEFAULT_DAMPING) -> tf.Tens
     positions = int(np.prod(w_a.shape[:-2]))
     a, b = _columns(w_a), _columns(w_b)  # (d, P·n_a), (d, P·n_b)
     ha_a, hb_b = h_a @ a, h_b @ b
-    chol = tf.linalg.cholesky(h_a + h_b)
-    u = tf.linalg.triangular_solve(chol, ha_a, lower=True)  # L⁻¹ H_A A
-    v = tf.linalg.triangular_solve(chol, hb_b, lower=True)  # L⁻¹ H_B B
+    chol = _cholesky(h_a + h_b)
+    u = _solve_lower(chol, ha_a)  # L⁻¹ H_A A
+    v = _solve_lower(chol, hb_b)  # L⁻¹ H_B B
 
     def per_neuron(x: tf.Tensor, n: int) -> tf.Tensor:
         # Sum over d and positions of a (d, P·n) tensor -> (n,).
@@ -149,7 +182,7 @@ def merged_weights(
     shape = tf.shape(weights[0])
     positions = int(np.prod(weights[0].shape[:-2]))
     rhs = tf.add_n([h @ _columns(w) for h, w in zip(hessians, weights)])  # (d, P·n)
-    solved = tf.linalg.cholesky_solve(tf.linalg.cholesky(tf.add_n(hessians)), rhs)
+    solved = _cholesky_solve(_cholesky(tf.add_n(hessians)), rhs)
     d, n = weights[0].shape[-2], weights[0].shape[-1]
     solved = tf.transpose(tf.reshape(solved, [d, positions, n]), [1, 0, 2])  # (P, d, n)
     return tf.reshape(solved, shape)

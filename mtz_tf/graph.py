@@ -1,11 +1,16 @@
-"""Reads a Keras model into an ordered plan of zippable units.
+"""Reads a Keras model into a plan of zippable units.
 
-A *plan* is the model's layer chain, reduced to what zipping needs: the input shape, and a
-list of steps from input to output. A step is either a zippable :class:`Unit` (a
-``Dense`` layer with the element-wise activation applied after it, wherever that activation
-lives) or a shape-only :class:`PassThrough` (``Flatten``, ``Dropout``). Every layer of the
-model is accounted for: anything the reader cannot represent exactly raises an error that
-names the layer, instead of being skipped.
+A *plan* is the model's layer graph, reduced to what zipping needs: the input shape, and
+the steps in topological order, each naming the steps it reads. A step is a zippable
+:class:`Unit` (a ``Dense`` or ``Conv2D`` layer with its BatchNorm and the element-wise
+activation after it, wherever they live), a channel-wise :class:`PassThrough` (``Flatten``,
+``Dropout``, pooling, an activation after an ``Add``) or a :class:`Merge` (``Add``,
+``Concatenate``). Channels summed by an ``Add`` are *coupled*: every unit writing into one
+residual stream must order its neurons the same way, so the plan lists them as
+:class:`CoupledGroup` s (found as connected components of a graph on all unit channels,
+through ``Concatenate`` too). Every layer of the model is accounted for: anything the
+reader cannot represent exactly raises an error that names the layer, instead of being
+skipped.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import dataclasses
 
 import keras
 import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
 
 ELEMENTWISE_ACTIVATIONS = frozenset(
     {
@@ -47,6 +54,16 @@ _PASS_THROUGH_TYPES = (
 """Weightless layers that act on each channel alone, so they commute with unit permutations."""
 
 
+_SPATIAL_TYPES = frozenset(_PASS_THROUGH_TYPES) - {"Dropout"}
+"""Pass-through layers that need a feature map (or, Flatten, make one flat)."""
+
+_MERGE_TYPES = ("Add", "Concatenate")
+"""Layers that combine several tensors channel by channel (Add) or side by side (Concatenate)."""
+
+MODEL_INPUT = -1
+"""The ``inputs`` index that stands for the model input."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Unit:
     """A ``Dense`` or ``Conv2D`` layer with its BatchNorm and activation: zippable neurons.
@@ -61,6 +78,8 @@ class Unit:
         conv: tuple or None, ``(kernel_size, strides, padding)`` of a ``Conv2D``.
         input_group: int, rows of the kernel per input channel: H·W of the feature map a
             ``Flatten`` turned into this Dense layer's input, else 1.
+        inputs: tuple of int, indices into ``Plan.steps`` of the steps it reads
+            (:data:`MODEL_INPUT` for the model input).
     """
 
     name: str
@@ -71,34 +90,76 @@ class Unit:
     batch_norm: str | None = None
     conv: tuple | None = None
     input_group: int = 1
+    inputs: tuple = (MODEL_INPUT,)
 
 
 @dataclasses.dataclass(frozen=True)
 class PassThrough:
-    """A weightless layer between units (Flatten, Dropout, pooling).
+    """A weightless layer that acts on each channel alone (Flatten, Dropout, pooling, or an
+    element-wise activation after an ``Add``).
 
     Attributes:
         name: str, the layer's name in the source model.
         kind: str, its class name.
         config: dict, its Keras config (to rebuild it).
+        inputs: tuple of int, as :class:`Unit`.
     """
 
     name: str
     kind: str
     config: dict = dataclasses.field(default_factory=dict, compare=False)
+    inputs: tuple = (MODEL_INPUT,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Merge:
+    """An ``Add`` (channels coupled one to one) or a ``Concatenate`` on the channel axis.
+
+    Attributes:
+        name: str, the layer's name.
+        kind: str, ``"Add"`` or ``"Concatenate"``.
+        config: dict, its Keras config.
+        inputs: tuple of int, the steps it combines, in order.
+    """
+
+    name: str
+    kind: str
+    config: dict = dataclasses.field(default_factory=dict, compare=False)
+    inputs: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CoupledGroup:
+    """Output channels of several units that must keep one order, because an ``Add`` sums
+    them channel by channel (directly, or through a ``Concatenate``).
+
+    Attributes:
+        members: tuple of ``(unit name, start, stop)``: channel ``start + i`` of every member
+            is coupled with channel ``start + i`` of every other member.
+    """
+
+    members: tuple
+
+    @property
+    def units(self) -> tuple:
+        return tuple(name for name, _, _ in self.members)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """An ordered chain of steps from the model input to its output.
+    """The model's steps in topological order, each naming the steps it reads.
 
     Attributes:
         input_shape: tuple, the model's input shape without the batch dimension.
-        steps: tuple of :class:`Unit` / :class:`PassThrough`, input to output.
+        steps: tuple of :class:`Unit` / :class:`PassThrough` / :class:`Merge`; the last
+            unit is the output head and produces the model output.
+        coupled_groups: tuple of :class:`CoupledGroup`, the channels tied together by
+            residual ``Add`` layers (empty for a chain).
     """
 
     input_shape: tuple
     steps: tuple
+    coupled_groups: tuple = ()
 
     @property
     def units(self) -> list[Unit]:
@@ -110,17 +171,101 @@ class Plan:
         """The units that may be zipped (all but the output head)."""
         return self.units[:-1]
 
+    @property
+    def is_chain(self) -> bool:
+        """Whether every step reads the step just before it (no ``Add``/``Concatenate``)."""
+        return all(s.inputs == (i - 1 if i else MODEL_INPUT,) for i, s in enumerate(self.steps))
+
     def signature(self) -> tuple:
-        """What two models must share to be zipped: input shape, step kinds, layer shapes."""
+        """What two models must share to be zipped: input shape, step kinds, wiring, shapes."""
+
+        def describe(s):
+            if isinstance(s, Unit):
+                return (s.kind, s.activation, s.batch_norm is not None, s.conv, s.input_group)
+            return (s.kind, s.config.get("activation")) if s.kind == "Activation" else (s.kind,)
+
         return (
             self.input_shape,
-            tuple(
-                (s.kind, s.activation, s.batch_norm is not None, s.conv, s.input_group)
-                if isinstance(s, Unit)
-                else (s.kind,)
-                for s in self.steps
-            ),
+            tuple(describe(s) + (s.inputs,) for s in self.steps),
+            tuple(len(g.members) for g in self.coupled_groups),
         )
+
+    def unit_sources(self, step_index: int) -> list:
+        """The channel segments of step ``step_index``'s output: ``[(unit index, start,
+        stop), ...]`` in channel order, unit index into :attr:`units` (an empty list for
+        the model input). Through ``Add``, the first input's segments (all are coupled)."""
+        unit_index = {s.name: i for i, s in enumerate(self.units)}
+        step = self.steps[step_index] if step_index != MODEL_INPUT else None
+        if step is None:
+            return []
+        if isinstance(step, Unit):
+            return [(unit_index[step.name], 0, step.units)]
+        if isinstance(step, Merge) and step.kind == "Concatenate":
+            return [seg for i in step.inputs for seg in self.unit_sources(i)]
+        return self.unit_sources(step.inputs[0])
+
+    def unit_step(self, unit_index: int) -> int:
+        """The index into :attr:`steps` of unit ``unit_index``."""
+        return [i for i, s in enumerate(self.steps) if isinstance(s, Unit)][unit_index]
+
+    def reads_model_input(self, unit_index: int) -> bool:
+        """Whether unit ``unit_index`` reads the model input (through pass-throughs only)."""
+        return not self.unit_sources(self.steps[self.unit_step(unit_index)].inputs[0])
+
+    def zip_groups(self) -> list[tuple]:
+        """A partition of the hidden units (indices into :attr:`units`) into the sets that
+        share one neuron order: each coupled group, and every other unit alone; in order of
+        each set's first unit.
+
+        Raises:
+            ValueError: if a coupled group couples only part of a unit's channels (a
+                ``Concatenate`` feeding an ``Add``) or includes the output head.
+        """
+        units = self.units
+        index = {u.name: i for i, u in enumerate(units)}
+        grouped, result = set(), []
+        for group in self.coupled_groups:
+            members = [index[name] for name in group.units]
+            partial = [
+                name
+                for name, start, stop in group.members
+                if start != 0 or stop != units[index[name]].units
+            ]
+            if partial or len(set(members)) != len(members):
+                raise ValueError(
+                    f"Layers {sorted(set(partial))} have only part of their channels coupled "
+                    "with other layers (a Concatenate feeding an Add); zipping needs every "
+                    "coupled layer's channels coupled as a whole."
+                )
+            if len(units) - 1 in members:
+                raise ValueError(
+                    f"The output layer {units[-1].name!r} is coupled through an Add; output "
+                    "heads are never zipped."
+                )
+            grouped.update(members)
+            result.append(tuple(sorted(members)))
+        result += [(i,) for i in range(len(units) - 1) if i not in grouped]
+        return sorted(result, key=min)
+
+    def input_group(self, unit_index: int, groups: list[tuple]):
+        """The index into ``groups`` of the set whose output unit ``unit_index`` reads, or
+        None when it reads the model input.
+
+        Raises:
+            ValueError: if it reads a ``Concatenate`` of several sets (their shared
+                channels cannot form one prefix).
+        """
+        unit = self.units[unit_index]
+        sources = self.unit_sources(self.steps[self.unit_step(unit_index)].inputs[0])
+        if not sources:
+            return None
+        if len(sources) != 1:
+            raise ValueError(
+                f"Layer {unit.name!r} reads a Concatenate of several layers' outputs; zipping "
+                "such a reader is not supported (its shared inputs would not form a prefix)."
+            )
+        source_unit = sources[0][0]
+        return next(g for g, members in enumerate(groups) if source_unit in members)
 
 
 def _activation_name(activation) -> str:
@@ -130,9 +275,21 @@ def _activation_name(activation) -> str:
     return str(name)
 
 
-def _unit(layer, steps: list) -> Unit:
-    """Builds the :class:`Unit` of a Dense or Conv2D layer, given the steps before it."""
+def _trace_back(steps: list, index: int):
+    """The first step at or before ``index`` along first inputs that is not a
+    :class:`PassThrough`, and the pass-through kinds met on the way."""
+    kinds = []
+    while index != MODEL_INPUT and isinstance(steps[index], PassThrough):
+        kinds.append(steps[index].kind)
+        index = steps[index].inputs[0]
+    return (None if index == MODEL_INPUT else steps[index]), kinds
+
+
+def _unit(layer, steps: list, source: int) -> Unit:
+    """Builds the :class:`Unit` of a Dense or Conv2D layer reading step ``source``."""
     activation = _activation_name(layer.activation)
+    before, kinds = _trace_back(steps, source)
+    seen_dense = any(isinstance(s, Unit) and s.kind == "Dense" for s in steps[: source + 1])
     if isinstance(layer, keras.layers.Dense):
         input_shape = layer.input.shape
         if len(input_shape) != 2:
@@ -141,10 +298,9 @@ def _unit(layer, steps: list) -> Unit:
                 "sample; flatten feature maps before Dense layers."
             )
         group = 1
-        flatten = [s for s in steps if isinstance(s, PassThrough) and s.kind == "Flatten"]
-        units_before = [s for s in steps if isinstance(s, Unit)]
-        if flatten and units_before and units_before[-1].kind == "Conv2D":
-            group = int(input_shape[-1]) // units_before[-1].units
+        if "Flatten" in kinds and before is not None:
+            channels = sum(stop - start for _, start, stop in _segments(steps, source))
+            group = int(input_shape[-1]) // max(channels, 1)
         return Unit(
             layer.name,
             "Dense",
@@ -152,8 +308,9 @@ def _unit(layer, steps: list) -> Unit:
             bool(layer.use_bias),
             activation,
             input_group=group,
+            inputs=(source,),
         )
-    if any(isinstance(s, Unit) and s.kind == "Dense" for s in steps):
+    if seen_dense:
         raise ValueError(f"Conv2D layer {layer.name!r} follows a Dense layer; not supported.")
     if layer.groups != 1 or tuple(layer.dilation_rate) != (1, 1):
         raise ValueError(
@@ -164,41 +321,135 @@ def _unit(layer, steps: list) -> Unit:
         raise ValueError(f"Conv2D layer {layer.name!r} must use data_format='channels_last'.")
     conv = (tuple(layer.kernel_size), tuple(layer.strides), layer.padding)
     return Unit(
-        layer.name, "Conv2D", int(layer.filters), bool(layer.use_bias), activation, conv=conv
+        layer.name,
+        "Conv2D",
+        int(layer.filters),
+        bool(layer.use_bias),
+        activation,
+        conv=conv,
+        inputs=(source,),
     )
 
 
-def _check_linear_chain(model: keras.Model, layers: list) -> None:
-    previous = model.inputs[0] if model.inputs else None
-    for layer in layers:
-        inputs = layer.input
-        if isinstance(inputs, (list, tuple)):
+def _segments(steps: list, index: int) -> list:
+    """Channel segments ``(unit name, start, stop)`` of step ``index``'s output."""
+    if index == MODEL_INPUT:
+        return []
+    step = steps[index]
+    if isinstance(step, Unit):
+        return [(step.name, 0, step.units)]
+    if isinstance(step, Merge) and step.kind == "Concatenate":
+        return [seg for i in step.inputs for seg in _segments(steps, i)]
+    return _segments(steps, step.inputs[0])
+
+
+def _input_indices(layer, producer: dict) -> tuple:
+    inputs = layer.input
+    tensors = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    indices = []
+    for tensor in tensors:
+        if id(tensor) not in producer:
             raise ValueError(
-                f"Layer {layer.name!r} ({type(layer).__name__}) takes several inputs; "
-                "only chains of layers (Sequential-like models) are supported here."
+                f"Layer {layer.name!r} ({type(layer).__name__}) reads a tensor that no layer "
+                "the reader knows produced (a nested model or a layer used twice?); "
+                "flatten nested models and call each layer once."
             )
-        if previous is not None and inputs is not previous:
-            raise ValueError(
-                f"Layer {layer.name!r} does not consume the output of the layer before it; "
-                "only chains of layers (Sequential-like models) are supported here."
-            )
-        previous = layer.output
+        indices.append(producer[id(tensor)])
+    return tuple(indices)
+
+
+def _fold_check(layer, steps: list, source: int, uses: dict, what: str) -> Unit:
+    """The unit that ``layer`` (a BN or activation) folds into, checked."""
+    last = steps[source] if source != MODEL_INPUT else None
+    if not isinstance(last, Unit):
+        raise ValueError(
+            f"{what} layer {layer.name!r} must directly follow a Dense or Conv2D layer "
+            "(or its BatchNormalization)."
+        )
+    if uses[id(layer.input)] != 1:
+        raise ValueError(
+            f"The output of {last.name!r} is read by {layer.name!r} and by other layers; a "
+            f"{what} must be the only reader of the layer it follows."
+        )
+    return last
+
+
+def _merge_step(layer, sources: tuple) -> Merge:
+    kind = type(layer).__name__
+    if kind == "Concatenate" and layer.axis not in (-1, len(layer.output.shape) - 1):
+        raise ValueError(
+            f"Concatenate layer {layer.name!r} joins along axis {layer.axis}; only the "
+            "channel axis (-1) keeps neurons separable."
+        )
+    return Merge(name=layer.name, kind=kind, config=layer.get_config(), inputs=sources)
+
+
+def _coupled_groups(steps: list) -> tuple:
+    """Channels tied by ``Add``: connected components of a graph on all unit channels."""
+    units = [s for s in steps if isinstance(s, Unit)]
+    offsets = np.cumsum([0] + [u.units for u in units])
+    offset = {u.name: int(o) for u, o in zip(units, offsets)}
+
+    def channels(index):  # global channel ids of a step's output
+        segs = _segments(steps, index)
+        if not segs:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([offset[n] + np.arange(a, b) for n, a, b in segs])
+
+    edges = []
+    for step in steps:
+        if isinstance(step, Merge) and step.kind == "Add":
+            first = channels(step.inputs[0])
+            for other in step.inputs[1:]:
+                ids = channels(other)
+                if len(ids) != len(first) or not len(first):
+                    raise ValueError(
+                        f"Add layer {step.name!r} sums inputs whose channels the reader cannot "
+                        "trace to Dense/Conv2D layers of one width (e.g. the model input)."
+                    )
+                edges.append(np.stack([first, ids]))
+    if not edges:
+        return ()
+    pairs = np.concatenate(edges, axis=1)
+    total = int(offsets[-1])
+    adjacency = scipy.sparse.coo_matrix((np.ones(pairs.shape[1]), tuple(pairs)), (total, total))
+    _, label = scipy.sparse.csgraph.connected_components(adjacency, directed=False)
+    owner = np.searchsorted(offsets, np.arange(total), side="right") - 1  # unit of each channel
+    sizes = np.bincount(label)
+    coupled = np.flatnonzero(sizes[label] > 1)  # channels coupled with at least one other
+    # Components with the same set of units form one group; members are channel ranges.
+    key_of = {}
+    for component in np.unique(label[coupled]):
+        key_of.setdefault(tuple(np.unique(owner[label == component])), []).append(component)
+    groups = []
+    for components in key_of.values():
+        mask = np.isin(label, components)
+        members = []
+        for u in np.unique(owner[mask]):
+            local = np.flatnonzero(mask & (owner == u)) - offsets[u]
+            runs = np.split(local, np.flatnonzero(np.diff(local) != 1) + 1)
+            members += [(units[u].name, int(r[0]), int(r[-1]) + 1) for r in runs]
+        groups.append(CoupledGroup(members=tuple(members)))
+    order = {u.name: i for i, u in enumerate(units)}
+    return tuple(sorted(groups, key=lambda g: min(order[n] for n in g.units)))
 
 
 def read_plan(model: keras.Model) -> Plan:
     """Reads ``model`` into a :class:`Plan`.
 
     Args:
-        model: keras.Model, a Sequential or functional chain of ``Conv2D`` and ``Dense``
+        model: keras.Model, a Sequential or functional graph of ``Conv2D`` and ``Dense``
             layers, each optionally followed by ``BatchNormalization`` and an activation,
-            with pooling, ``Flatten`` and ``Dropout`` between them; one input, one output.
+            with pooling, ``Flatten`` and ``Dropout`` between them, and ``Add`` /
+            ``Concatenate`` (channel axis) joining branches, e.g. residual blocks; one
+            input, one output produced by the last Dense/Conv2D layer.
 
     Returns:
-        The model's :class:`Plan`.
+        The model's :class:`Plan`, with the coupled channel groups of its ``Add`` layers.
 
     Raises:
         ValueError: for a layer type the reader cannot represent (named in the message), a
-            non-element-wise hidden activation, several inputs/outputs, or a non-chain graph.
+            non-element-wise hidden activation, several inputs/outputs, or a layer used twice.
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"Expected a keras.Model. Received: {type(model).__name__}")
@@ -212,15 +463,23 @@ def read_plan(model: keras.Model) -> Plan:
             f"{len(model.inputs)} inputs and {len(model.outputs)} outputs."
         )
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    _check_linear_chain(model, layers)
+    uses: dict = {}
+    for layer in layers:
+        inputs = layer.input
+        for tensor in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+            uses[id(tensor)] = uses.get(id(tensor), 0) + 1
+    producer = {id(model.inputs[0]): MODEL_INPUT}
     steps: list = []
     for layer in layers:
         kind = type(layer).__name__
-        last = steps[-1] if steps and isinstance(steps[-1], Unit) else None
+        sources = _input_indices(layer, producer)
+        source = sources[0]
+        index = len(steps)
         if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
-            steps.append(_unit(layer, steps))
+            steps.append(_unit(layer, steps, source))
         elif isinstance(layer, keras.layers.BatchNormalization):
-            if last is None or last.batch_norm is not None or last.activation != "linear":
+            last = _fold_check(layer, steps, source, uses, "BatchNormalization")
+            if last.batch_norm is not None or last.activation != "linear":
                 raise ValueError(
                     f"BatchNormalization layer {layer.name!r} must directly follow a Dense or "
                     "Conv2D layer that has no activation of its own (unit -> BN -> activation)."
@@ -229,7 +488,8 @@ def read_plan(model: keras.Model) -> Plan:
                 raise ValueError(
                     f"BatchNormalization layer {layer.name!r} must have scale=True and center=True."
                 )
-            steps[-1] = dataclasses.replace(last, batch_norm=layer.name)
+            steps[source] = dataclasses.replace(last, batch_norm=layer.name)
+            index = source
         elif isinstance(layer, (keras.layers.Activation, keras.layers.ReLU)):
             activation = (
                 _activation_name(layer.activation)
@@ -243,31 +503,55 @@ def read_plan(model: keras.Model) -> Plan:
                     f"Layer {layer.name!r} is a ReLU with max_value/negative_slope/threshold; "
                     "only the plain ReLU layer is supported (use activation=... instead)."
                 )
-            if last is None:
-                raise ValueError(
-                    f"Activation layer {layer.name!r} must follow a Dense or Conv2D layer "
-                    "(or its BatchNormalization) directly."
-                )
-            if last.activation != "linear":
-                raise ValueError(
-                    f"Activation layer {layer.name!r} follows {last.name!r}, which already "
-                    f"applies {last.activation!r}; stacked activations are not supported."
-                )
-            steps[-1] = dataclasses.replace(last, activation=activation)
+            if source != MODEL_INPUT and isinstance(steps[source], Merge):
+                if activation not in ELEMENTWISE_ACTIVATIONS:
+                    raise ValueError(
+                        f"Activation layer {layer.name!r} after {steps[source].name!r} uses "
+                        f"{activation!r}, which does not act on each channel alone."
+                    )
+                config = {"name": layer.name, "activation": activation}
+                steps.append(PassThrough(layer.name, "Activation", config, (source,)))
+            else:
+                last = _fold_check(layer, steps, source, uses, "Activation")
+                if last.activation != "linear":
+                    raise ValueError(
+                        f"Activation layer {layer.name!r} follows {last.name!r}, which already "
+                        f"applies {last.activation!r}; stacked activations are not supported."
+                    )
+                steps[source] = dataclasses.replace(last, activation=activation)
+                index = source
         elif kind in _PASS_THROUGH_TYPES:
-            steps.append(PassThrough(name=layer.name, kind=kind, config=layer.get_config()))
+            steps.append(PassThrough(layer.name, kind, layer.get_config(), (source,)))
+        elif kind in _MERGE_TYPES:
+            steps.append(_merge_step(layer, sources))
         else:
             raise ValueError(
                 f"Layer {layer.name!r} of type {kind} is not supported for zipping. "
                 "Supported: Dense, Conv2D (groups=1, no dilation), BatchNormalization, "
-                f"Activation, ReLU, {', '.join(_PASS_THROUGH_TYPES)}."
+                f"Activation, ReLU, {', '.join(_PASS_THROUGH_TYPES + _MERGE_TYPES)}."
             )
-    plan = Plan(input_shape=tuple(model.inputs[0].shape[1:]), steps=tuple(steps))
+        producer[id(layer.output)] = index
+    plan = Plan(
+        input_shape=tuple(model.inputs[0].shape[1:]),
+        steps=tuple(steps),
+        coupled_groups=_coupled_groups(steps),
+    )
+    _check_plan(model, plan, producer)
+    return plan
+
+
+def _check_plan(model: keras.Model, plan: Plan, producer: dict) -> None:
     units = plan.units
     if len(units) < 2:
         raise ValueError(
             f"Model {model.name!r} has {len(units)} Dense layer(s); zipping needs at least one "
             "hidden Dense layer and an output Dense layer."
+        )
+    output = producer.get(id(model.outputs[0]))
+    if output is None or plan.steps[output] is not units[-1]:
+        raise ValueError(
+            f"The output of model {model.name!r} must come from its last Dense or Conv2D "
+            f"layer ({units[-1].name!r}) and its activation."
         )
     for unit in plan.hidden_units:
         if unit.activation not in ELEMENTWISE_ACTIVATIONS:
@@ -275,15 +559,16 @@ def read_plan(model: keras.Model) -> Plan:
                 f"Hidden layer {unit.name!r} uses activation {unit.activation!r}, which does not "
                 f"act on each neuron alone. Supported: {sorted(ELEMENTWISE_ACTIVATIONS)}."
             )
-    seen_dense = False
     for step in plan.steps:
-        seen_dense = seen_dense or (isinstance(step, Unit) and step.kind == "Dense")
-        if seen_dense and isinstance(step, PassThrough) and step.kind != "Dropout":
+        if isinstance(step, Unit):
+            continue
+        before, _ = _trace_back(list(plan.steps), step.inputs[0]) if step.inputs else (None, [])
+        after_dense = isinstance(before, Unit) and before.kind == "Dense"
+        if after_dense and isinstance(step, PassThrough) and step.kind in _SPATIAL_TYPES:
             raise ValueError(
-                f"Layer {step.name!r} ({step.kind}) comes after a Dense layer; only Dropout "
-                "may stand between Dense layers."
+                f"Layer {step.name!r} ({step.kind}) comes after a Dense layer; only Dropout, "
+                "activations and Add/Concatenate may stand between Dense layers."
             )
-    return plan
 
 
 def unit_weights(model: keras.Model, unit: Unit) -> tuple:

@@ -53,24 +53,49 @@ def input_hessian(
     Raises:
         ValueError: if the dataset is empty.
     """
+    hessians, count = input_hessians(
+        lambda batch: [features(batch)], dataset, [append_bias], description
+    )
+    return hessians[0], count
+
+
+def input_hessians(
+    features: Callable[[tf.Tensor], list],
+    dataset: tf.data.Dataset,
+    append_bias: list[bool],
+    description: str = "calibration data",
+) -> tuple[list[tf.Tensor], int]:
+    """Several layers' input Hessians in one pass over the data (see :func:`input_hessian`).
+
+    ``features`` maps a batch to a list of layer inputs, one per Hessian, and
+    ``append_bias`` says for each whether x is augmented with a constant 1. Each H is
+    normalised by its own row count (samples, or samples × positions for conv rows).
+    """
     strategy = tf.distribute.get_strategy()
 
     def replica_step(batch):
-        return outer_sum(features(batch), append_bias)
+        return [outer_sum(x, bias) for x, bias in zip(features(batch), append_bias)]
 
     @tf.function
     def step(batch):
-        total, count = strategy.run(replica_step, args=(batch,))
+        sums = strategy.run(replica_step, args=(batch,))
         reduce = tf.distribute.ReduceOp.SUM
-        return strategy.reduce(reduce, total, axis=None), strategy.reduce(reduce, count, axis=None)
+        return [
+            (strategy.reduce(reduce, total, axis=None), strategy.reduce(reduce, n, axis=None))
+            for total, n in sums
+        ]
 
-    total, count = None, 0.0
+    totals, counts, samples = None, None, 0
     for batch in strategy.experimental_distribute_dataset(dataset):
-        batch_total, batch_count = step(batch)
-        total = batch_total if total is None else total + batch_total
-        count += float(batch_count)
-    if total is None or count == 0:
+        sums = step(batch)
+        if totals is None:
+            totals, counts = [t for t, _ in sums], [float(n) for _, n in sums]
+        else:
+            totals = [a + t for a, (t, _) in zip(totals, sums)]
+            counts = [c + float(n) for c, (_, n) in zip(counts, sums)]
+        samples += 1
+    if totals is None or not all(counts):
         raise ValueError(
             f"The {description} is empty: a Hessian needs at least one calibration sample."
         )
-    return total / count, int(count)
+    return [t / c for t, c in zip(totals, counts)], int(counts[0])

@@ -55,28 +55,52 @@ def layer_hessians(
 
     Task t's Hessian uses task t's calibration data through the current zipped ``model``.
     """
-    feature_model = keras.Model(model.input, layer.input)
-    k_in = state.input_shared_units
-    result = []
+    return layers_hessians(model, [layer], [state], calibration, mode)[0]
+
+
+def hessian_rows(x: tf.Tensor, state: LayerState, mode: str) -> tf.Tensor:
+    """The rows whose mean outer product is the Hessian of a layer input x (channels-last,
+    already cut to the input channels the Hessian covers)."""
+    if state.kind == "Dense":
+        return x
+    if mode == "patch":
+        return patches(x, state)
+    return tf.reshape(x, [tf.reduce_prod(tf.shape(x)[:-1]), x.shape[-1]])  # a row per pixel
+
+
+def layers_hessians(
+    model: keras.Model,
+    layers: list,
+    states: list,
+    calibration: dict,
+    mode: str,
+) -> list[list[tf.Tensor]]:
+    """:func:`layer_hessians` of several layers of ``model``, one pass over each task's
+    data: per layer, per task."""
+    feature_model = keras.Model(model.input, [layer.input for layer in layers])
+    per_task = []
     for t, (task, dataset) in enumerate(calibration.items()):
 
         def features(batch, t=t):
-            x = feature_model(batch, training=False)
-            x = (x if state.common_input else x[t])[..., :k_in]
-            if state.kind == "Dense":
-                return x
-            if mode == "patch":
-                return patches(x, state)
-            return tf.reshape(x, [tf.reduce_prod(tf.shape(x)[:-1]), k_in])  # a row per pixel
+            inputs = feature_model(batch, training=False)
+            inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+            return [
+                hessian_rows(
+                    (x if state.common_input else x[t])[..., : state.input_shared_units],
+                    state,
+                    mode,
+                )
+                for x, state in zip(inputs, states)
+            ]
 
-        h, _ = hessian.input_hessian(
+        hessians, _ = hessian.input_hessians(
             features,
             dataset,
-            append_bias=state.use_bias,
+            [state.use_bias for state in states],
             description=f"calibration data of task {task!r}",
         )
-        result.append(h)
-    return result
+        per_task.append(hessians)
+    return [list(h) for h in zip(*per_task)]
 
 
 def cost_layout(state: LayerState, kernel: np.ndarray, bias: np.ndarray, mode: str):
@@ -93,7 +117,7 @@ def cost_layout(state: LayerState, kernel: np.ndarray, bias: np.ndarray, mode: s
     return np.vstack([rows, bias[None]]) if state.use_bias else rows
 
 
-def _unpack(state: LayerState, merged: np.ndarray, mode: str):
+def unpack_merged(state: LayerState, merged: np.ndarray, mode: str):
     """Inverse of :func:`cost_layout` for merged weights: (kernel (..., k_in, k), bias (k,))."""
     k_in, k = state.input_shared_units, merged.shape[-1]
     shape = state.kernel_prefix + (k_in, k)
@@ -198,7 +222,7 @@ def zip_layer(
         rows = (permutation[:, None] * group + np.arange(group)[None, :]).ravel()
         consumer.kernels[t] = consumer.kernels[t][..., rows, :]
     if chosen:
-        state.shared_kernel, state.shared_bias = _unpack(state, group_w, mode)
+        state.shared_kernel, state.shared_bias = unpack_merged(state, group_w, mode)
         state.shared_units = group_w.shape[-1]
     if consumer.shared_units == 0:
         consumer.input_shared_units = state.shared_units * group

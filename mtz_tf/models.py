@@ -154,6 +154,8 @@ def resnet20(
     width_multiplier: float = 1.0,
     seed: int | None = None,
     name: str = "resnet20",
+    bn_momentum: float = 0.99,
+    blocks_per_stage: int = 3,
 ) -> keras.Model:
     """CIFAR ResNet-20 (He et al. 2016) with BatchNorm and projection shortcuts.
 
@@ -162,9 +164,15 @@ def resnet20(
     shortcut); global average pooling; dense logits. A basic block is
     ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``. Layer names follow
     ``stage{s}_block{b}_{conv1,bn1,relu1,conv2,bn2,proj_conv,proj_bn,add,relu2}``.
+    ``blocks_per_stage`` = n gives the 6n + 2-layer CIFAR ResNet (3: ResNet-20, 1:
+    ResNet-8, 9: ResNet-56). ``bn_momentum`` is every BatchNormalization's moving-average
+    momentum (Keras' 0.99 by default; 0.9 when training for only a few hundred steps, so
+    the moving statistics that validation uses catch up with the weights).
     """
     if width_multiplier <= 0:
         raise ValueError(f"`width_multiplier` must be positive. Received: {width_multiplier}")
+    if blocks_per_stage < 1:
+        raise ValueError(f"`blocks_per_stage` must be at least 1. Received: {blocks_per_stage}")
     counter = iter(range(10_000))
 
     def conv(filters, kernel, stride, layer_name):
@@ -181,22 +189,24 @@ def resnet20(
     inputs = keras.Input(shape=input_shape, name="image")
     width = max(1, int(round(16 * width_multiplier)))
     x = conv(width, 3, 1, "stem_conv")(inputs)
-    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.BatchNormalization(momentum=bn_momentum, name="stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     for stage in range(1, 4):
         filters = max(1, int(round(16 * width_multiplier * 2 ** (stage - 1))))
-        for block in range(1, 4):
+        for block in range(1, blocks_per_stage + 1):
             prefix = f"stage{stage}_block{block}"
             stride = 2 if stage > 1 and block == 1 else 1
             y = conv(filters, 3, stride, f"{prefix}_conv1")(x)
-            y = keras.layers.BatchNormalization(name=f"{prefix}_bn1")(y)
+            y = keras.layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}_bn1")(y)
             y = keras.layers.ReLU(name=f"{prefix}_relu1")(y)
             y = conv(filters, 3, 1, f"{prefix}_conv2")(y)
-            y = keras.layers.BatchNormalization(name=f"{prefix}_bn2")(y)
+            y = keras.layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}_bn2")(y)
             shortcut = x
             if stride != 1 or x.shape[-1] != filters:
                 shortcut = conv(filters, 1, stride, f"{prefix}_proj_conv")(x)
-                shortcut = keras.layers.BatchNormalization(name=f"{prefix}_proj_bn")(shortcut)
+                shortcut = keras.layers.BatchNormalization(
+                    momentum=bn_momentum, name=f"{prefix}_proj_bn"
+                )(shortcut)
             x = keras.layers.Add(name=f"{prefix}_add")([y, shortcut])
             x = keras.layers.ReLU(name=f"{prefix}_relu2")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
@@ -211,33 +221,38 @@ def permute_hidden(model: keras.Model, seed: int) -> keras.Model:
 
     Every hidden unit's neurons (Dense units or Conv2D filters) are reordered by a seeded
     random permutation p: kernel columns, bias and BatchNorm parameters move to index p,
-    and the next unit's kernel input rows (channels; each channel's block of rows after a
-    Flatten) follow, so outputs are unchanged up to float rounding. MTZ experiments do this
-    after training so that zipping cannot rely on index order. ``model`` is not modified.
+    and the kernel input rows of every unit reading them (channels; each channel's block of
+    rows after a Flatten) follow, so outputs are unchanged up to float rounding. Units whose
+    channels an ``Add`` couples (a residual stream) share one permutation. MTZ experiments
+    do this after training so that zipping cannot rely on index order. ``model`` is not
+    modified.
     """
     plan = graph.read_plan(model)
+    groups = plan.zip_groups()
+    units = plan.units
     rng = np.random.default_rng(seed)
     permuted = keras.models.clone_model(model)
     permuted.set_weights(model.get_weights())
-    units = plan.units
-    for unit, consumer in zip(units[:-1], units[1:]):
-        order = rng.permutation(unit.units)
-        layer = permuted.get_layer(unit.name)
-        layer.kernel.assign(layer.kernel.numpy()[..., order])
-        if unit.use_bias:
-            layer.bias.assign(layer.bias.numpy()[order])
-        if unit.batch_norm:
-            bn = permuted.get_layer(unit.batch_norm)
-            for variable in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance):
-                variable.assign(variable.numpy()[order])
-        next_layer = permuted.get_layer(consumer.name)
-        kernel = next_layer.kernel.numpy()
-        if consumer.input_group > 1:  # Flatten order (h, w, c): permute c in every block
-            n = kernel.shape[-1]
-            kernel = kernel.reshape(consumer.input_group, unit.units, n)[:, order, :]
-            next_layer.kernel.assign(kernel.reshape(-1, n))
-        else:
-            next_layer.kernel.assign(kernel[..., order, :])
+    for g, members in enumerate(groups):
+        order = rng.permutation(units[members[0]].units)
+        for u in members:
+            layer = permuted.get_layer(units[u].name)
+            layer.kernel.assign(layer.kernel.numpy()[..., order])
+            if units[u].use_bias:
+                layer.bias.assign(layer.bias.numpy()[order])
+            if units[u].batch_norm:
+                bn = permuted.get_layer(units[u].batch_norm)
+                for variable in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance):
+                    variable.assign(variable.numpy()[order])
+        for r in (r for r in range(len(units)) if plan.input_group(r, groups) == g):
+            reader = permuted.get_layer(units[r].name)
+            kernel = reader.kernel.numpy()
+            if units[r].input_group > 1:  # Flatten order (h, w, c): permute c in every block
+                n = kernel.shape[-1]
+                kernel = kernel.reshape(units[r].input_group, len(order), n)[:, order, :]
+                reader.kernel.assign(kernel.reshape(-1, n))
+            else:
+                reader.kernel.assign(kernel[..., order, :])
     return permuted
 
 

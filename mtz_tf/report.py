@@ -19,6 +19,7 @@ class LayerReport:
         accuracy_after_retraining: {task: accuracy} after light retraining, or None.
         retrain_steps: int, joint retraining iterations after this layer.
         seconds: float, wall time for this layer (Hessians, costs, matching, retraining).
+        timings: {phase: seconds}, the split of ``seconds``.
     """
 
     name: str
@@ -29,6 +30,23 @@ class LayerReport:
     accuracy_after_retraining: dict | None = None
     retrain_steps: int = 0
     seconds: float = 0.0
+    timings: dict = dataclasses.field(default_factory=dict)
+
+    def progress_line(self, index: int, count: int) -> str:
+        """The one-line progress message for hidden layer ``index`` of ``count``."""
+        line = (
+            f"[zip {index + 1}/{count}] {self.name}: shared {self.shared}/"
+            f"{min(self.widths.values())}, merge cost {self.merge_cost:.4g}"
+        )
+        for label, acc in (
+            ("acc zipped", self.accuracy_before_retraining),
+            ("acc retrained", self.accuracy_after_retraining),
+        ):
+            if acc:
+                line += f", {label} " + " ".join(f"{t}={a:.4f}" for t, a in acc.items())
+        if self.retrain_steps:
+            line += f", {self.retrain_steps} retrain steps"
+        return line + f" ({self.seconds:.1f}s)"
 
 
 @dataclasses.dataclass
@@ -46,6 +64,9 @@ class ZipReport:
             total / input_models.
         share_allocation: how a ``ShareBudget`` was turned into per-layer counts (target,
             threshold λ, counts, estimated cost and shared fraction), or None.
+        coupled_groups: for a residual network, the layers of each residual stream
+            (zipped with one matching), or None.
+        alignment_seconds: time spent on the provisional alignment of residual streams.
     """
 
     tasks: list
@@ -56,6 +77,8 @@ class ZipReport:
     layers: list = dataclasses.field(default_factory=list)
     parameters: dict = dataclasses.field(default_factory=dict)
     share_allocation: dict | None = None
+    coupled_groups: list | None = None
+    alignment_seconds: float = 0.0
 
     @property
     def retrain_steps(self) -> int:

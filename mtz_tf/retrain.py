@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 
 import keras
@@ -119,3 +120,37 @@ def task_accuracies(model: keras.Model, evaluation: Mapping[str, tf.data.Dataset
             hits, total = hits + int(h), total + int(n)
         result[task] = hits / max(total, 1)
     return result
+
+
+def after_layer(
+    model,
+    layer_report,
+    index: int,
+    count: int,
+    retrain,
+    evaluation,
+    start_step: int,
+    began: float,
+    timings: dict,
+    verbose: int,
+) -> int:
+    """What follows zipping hidden layer ``index`` of ``count``: accuracy before and after
+    light retraining (when ``evaluation`` is given), ``retrain``'s steps for the layer, the
+    timings and a progress line, all recorded in ``layer_report``.
+
+    Returns the retraining stream position for the next layer.
+    """
+    if evaluation is not None:
+        layer_report.accuracy_before_retraining = task_accuracies(model, evaluation)
+    steps = retrain.steps_for(index, count) if retrain is not None else 0
+    if steps:
+        retrain_jointly(model, retrain, steps, start_step=start_step)
+        if evaluation is not None:
+            layer_report.accuracy_after_retraining = task_accuracies(model, evaluation)
+    layer_report.retrain_steps = steps
+    layer_report.seconds = time.time() - began
+    timings["retrain_and_evaluation"] = layer_report.seconds - sum(timings.values())
+    layer_report.timings = timings
+    if verbose:
+        print(layer_report.progress_line(index, count))
+    return start_step + steps

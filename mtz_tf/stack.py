@@ -141,7 +141,7 @@ def separate_states(plans: dict, models: dict, batch_norm: str = "task") -> list
             kernels.append(kernel)
             biases.append(bias)
         folded = unit.batch_norm is not None and batch_norm == "fold"
-        common = index == 0
+        common = first.reads_model_input(index)
         k_in = kernels[0].shape[-2] if common else 0
         prefix = kernels[0].shape[:-2]
         states.append(
@@ -241,10 +241,24 @@ def read_layer_state(layer: _ZippedLayer, input_group: int = 1) -> LayerState:
     )
 
 
-def _pass_through(step: graph.PassThrough, after_conv: bool) -> keras.layers.Layer:
-    if step.kind == "Flatten" and after_conv:
+def _after_conv(plan: graph.Plan, step: graph.PassThrough) -> bool:
+    sources = plan.unit_sources(step.inputs[0])
+    return bool(sources) and plan.units[sources[0][0]].kind == "Conv2D"
+
+
+def _pass_through(plan: graph.Plan, step: graph.PassThrough) -> keras.layers.Layer:
+    if step.kind == "Flatten" and _after_conv(plan, step):
         return ChannelMajorFlatten(name=step.name)
     return getattr(keras.layers, step.kind).from_config(step.config)
+
+
+def _per_task(layer: keras.layers.Layer, args: list, num_tasks: int):
+    """Applies a weightless layer to one tensor per argument (each common to all tasks, or
+    a list of T): once if all are common, else once per task."""
+    if not any(isinstance(a, list) for a in args):
+        return layer(args if len(args) > 1 else args[0])
+    lists = [a if isinstance(a, list) else [a] * num_tasks for a in args]
+    return [layer(list(xs) if len(xs) > 1 else xs[0]) for xs in zip(*lists)]
 
 
 def build_model(
@@ -252,25 +266,28 @@ def build_model(
 ) -> keras.Model:
     """Builds the zipped Keras model: one input, a dict of outputs keyed by task name.
 
-    Built under ``tf.distribute.get_strategy().scope()`` so that its variables are mirrored
-    when a distribution strategy is active.
+    The plan's graph is followed step by step; a tensor is one tensor while all tasks share
+    it, else a list of T. Built under ``tf.distribute.get_strategy().scope()`` so that its
+    variables are mirrored when a distribution strategy is active.
     """
     with tf.distribute.get_strategy().scope():
         inputs = keras.Input(shape=plan.input_shape, name="input")
-        x = inputs  # One tensor while all tasks share it, else a list of T tensors.
+        tensors = {graph.MODEL_INPUT: inputs}
         built = []
         state_iter = iter(states)
-        after_conv = False
-        for step in plan.steps:
-            if isinstance(step, graph.PassThrough):
-                layer = _pass_through(step, after_conv)
-                x = [layer(v) for v in x] if isinstance(x, list) else layer(x)
-                continue
-            state = next(state_iter)
-            layer = _layer(state, task_names)
-            x = layer(x)
-            built.append((layer, state))
-            after_conv = state.kind == "Conv2D"
+        for index, step in enumerate(plan.steps):
+            args = [tensors[i] for i in step.inputs]
+            if isinstance(step, graph.Unit):
+                state = next(state_iter)
+                layer = _layer(state, task_names)
+                tensors[index] = layer(args[0])
+                built.append((layer, state))
+            elif isinstance(step, graph.Merge):
+                layer = getattr(keras.layers, step.kind).from_config(step.config)
+                tensors[index] = _per_task(layer, args, len(task_names))
+            else:
+                tensors[index] = _per_task(_pass_through(plan, step), args, len(task_names))
+        x = tensors[len(plan.steps) - 1 - plan.steps[::-1].index(plan.units[-1])]
         outputs = x if isinstance(x, list) else [x] * len(task_names)
         model = keras.Model(inputs, dict(zip(task_names, outputs)), name=name)
     for layer, state in built:

@@ -31,11 +31,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import allocation, cost, graph, layer_zip, stack
+from mtz_tf import allocation, cost, graph, layer_zip, residual_zip, stack
 from mtz_tf import matching as matching_lib
 from mtz_tf.layer_zip import CRITERIA, HESSIAN_MODES, MERGES
 from mtz_tf.report import LayerReport, ZipReport
-from mtz_tf.retrain import Retrain, retrain_jointly, task_accuracies
+from mtz_tf.retrain import Retrain, after_layer, task_accuracies
 
 _LOG = logging.getLogger("mtz_tf")
 _CHECKPOINT_MODEL = "zipped.keras"
@@ -279,19 +279,21 @@ def _zip_layers(
             shared=states[index].shared_units,
             merge_cost=merge_cost,
         )
-        if evaluation is not None:
-            layer_report.accuracy_before_retraining = task_accuracies(model, evaluation)
-        steps = retrain.steps_for(index, len(hidden)) if retrain is not None else 0
-        if steps:
-            retrain_jointly(model, retrain, steps, start_step=retrain_offset)
-            retrain_offset += steps
+
+        retrain_offset = after_layer(
+            model,
+            layer_report,
+            index,
+            len(hidden),
+            retrain,
+            evaluation,
+            retrain_offset,
+            began,
+            timings,
+            verbose,
+        )
+        if layer_report.retrain_steps:
             states[:] = stack.read_states(model, plan)
-            if evaluation is not None:
-                layer_report.accuracy_after_retraining = task_accuracies(model, evaluation)
-        layer_report.retrain_steps = steps
-        layer_report.seconds = time.time() - began
-        timings["retrain_and_evaluation"] = layer_report.seconds - sum(timings.values())
-        layer_report.timings = timings
         report.layers.append(layer_report)
         if checkpoint:
             directory, fingerprint = checkpoint
@@ -304,8 +306,6 @@ def _zip_layers(
                     "report": report.to_dict(),
                 },
             )
-        if verbose:
-            print(_layer_line(layer_report, index, len(hidden)))
     return model
 
 
@@ -409,6 +409,12 @@ def zip_models(
     hidden = plan.hidden_units
     widths = [min(plans[t].hidden_units[i].units for t in task_names) for i in range(len(hidden))]
     allocation_info = None
+    if not plan.is_chain and (isinstance(share, allocation.ShareBudget) or checkpoint_dir):
+        raise ValueError(
+            "Models with Add/Concatenate layers (residual networks) take a fraction or "
+            "per-layer counts as `share` and no `checkpoint_dir` yet. Received: "
+            f"share={share!r}, checkpoint_dir={checkpoint_dir!r}"
+        )
     if isinstance(share, allocation.ShareBudget):
         shares, allocation_info = allocation.allocate(
             plans, models, calibration, share, config, batch_norm, widths
@@ -441,8 +447,59 @@ def zip_models(
         report.accuracy_original = task_accuracies(
             stack.build_model(plan, task_names, states), evaluation
         )
-    zipped = _zip_layers(
-        plan,
+    if plan.is_chain:
+        zipped = _zip_chain(
+            plans,
+            models,
+            calibration,
+            shares,
+            config,
+            report,
+            start,
+            retrain,
+            evaluation,
+            checkpoint_dir,
+            fingerprint,
+            states,
+            verbose,
+        )
+    else:
+        zipped = residual_zip.zip_graph(
+            plan,
+            plans,
+            models,
+            task_names,
+            states,
+            calibration,
+            shares,
+            config,
+            retrain,
+            evaluation,
+            report,
+            verbose,
+        )
+    _finish(zipped, report, int(sum(m.count_params() for m in models.values())))
+    return zipped, report
+
+
+def _zip_chain(
+    plans,
+    models,
+    calibration,
+    shares,
+    config,
+    report,
+    start,
+    retrain,
+    evaluation,
+    checkpoint_dir,
+    fingerprint,
+    states,
+    verbose,
+) -> keras.Model:
+    task_names = list(models)
+    return _zip_layers(
+        plans[task_names[0]],
         task_names,
         states,
         calibration,
@@ -456,8 +513,6 @@ def zip_models(
         (checkpoint_dir, fingerprint) if checkpoint_dir else None,
         verbose,
     )
-    _finish(zipped, report, int(sum(m.count_params() for m in models.values())))
-    return zipped, report
 
 
 def add_task(
@@ -493,6 +548,11 @@ def add_task(
     Returns:
         ``(zipped, report)`` for the T + 1 tasks.
     """
+    if not isinstance(zipped, keras.Model) or not isinstance(zipped.output, dict):
+        raise TypeError(
+            "`zipped` must be a model returned by zip_models (one input, a dict of task "
+            f"outputs). Received: {type(zipped).__name__}"
+        )
     old_tasks = list(zipped.output)
     if not isinstance(task, str) or not task.isidentifier() or task in old_tasks:
         raise ValueError(
@@ -500,6 +560,11 @@ def add_task(
             f"Received: {task!r}"
         )
     plan = graph.read_plan(model)
+    if not plan.is_chain:
+        raise ValueError(
+            f"Model {model.name!r} has Add/Concatenate layers; adding a task to a zipped "
+            "residual network is not supported yet. Zip all models at once with zip_models."
+        )
     zipped_layers = stack.zipped_layers(zipped)
     if len(zipped_layers) != len(plan.units) or any(
         (layer.__class__.__name__ != "Zipped" + unit.kind)
@@ -592,19 +657,3 @@ def _check_side_data(evaluation, retrain, task_names: list[str]) -> None:
             f"`Retrain.train` must have one dataset per task {task_names}. Received keys: "
             f"{sorted(retrain.train)}"
         )
-
-
-def _layer_line(layer: LayerReport, index: int, count: int) -> str:
-    line = (
-        f"[zip {index + 1}/{count}] {layer.name}: shared {layer.shared}/"
-        f"{min(layer.widths.values())}, merge cost {layer.merge_cost:.4g}"
-    )
-    for label, acc in (
-        ("acc zipped", layer.accuracy_before_retraining),
-        ("acc retrained", layer.accuracy_after_retraining),
-    ):
-        if acc:
-            line += f", {label} " + " ".join(f"{t}={a:.4f}" for t, a in acc.items())
-    if layer.retrain_steps:
-        line += f", {layer.retrain_steps} retrain steps"
-    return line + f" ({layer.seconds:.1f}s)"

@@ -1,0 +1,400 @@
+"""Zipping networks whose layers write into shared residual streams.
+
+In a residual network an ``Add`` sums the outputs of several units channel by channel, so
+those units' channels are *coupled* (:class:`mtz_tf.graph.CoupledGroup`): every unit
+writing into one stream must put its neurons in the same order, or the sum would mix
+unrelated channels. Such a group is zipped with one matching for all its writers, chosen
+from the summed merge cost Σ_w ΔE_w of every writer w; each writer then ties its own
+neurons at those positions with its own Hessians. Units outside coupled groups are groups
+of one, zipped as in :mod:`mtz_tf.zipper`.
+
+Order. Units are visited in topological order. A group's matching is chosen when its first
+writer is reached; every writer's output columns (and BatchNorm parameters) and every
+reader's input rows are permuted to [matched, in pair order; the rest] at once, and each
+writer ties its matched neurons when it is reached itself (its input is aligned by then).
+
+The cycle. A stream's later writers (a block's second conv) read units (the block's first
+conv) that read the stream itself, so when the stream's matching is chosen their inputs
+are not aligned across tasks yet and ΔE is undefined for them. Their cost then uses a
+*provisional alignment*, computed first on the input models: every group in order is
+matched in full (all neurons) from the summed costs of its writers whose inputs are
+aligned by the groups matched before; a second sweep, with every input aligned by the
+first, refines it. Writers whose inputs are aligned in the zipped network use its current
+Hessians; the others the input models' Hessians under the provisional alignment, with
+task 0's weights standing in for the group of tasks already matched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mtz_tf import cost, graph, hessian, layer_zip, stack
+from mtz_tf import matching as matching_lib
+from mtz_tf.report import LayerReport
+from mtz_tf.retrain import after_layer
+
+PROVISIONAL_SWEEPS = 2
+"""Sweeps of the provisional alignment (the second sees every writer's input aligned)."""
+
+
+@dataclasses.dataclass
+class _Topology:
+    """Groups of units sharing one neuron order, who reads them, and the shared counts."""
+
+    groups: list  # tuples of unit indices
+    group_of: dict  # unit index -> group index
+    source: dict  # unit index -> group index it reads, or None for the model input
+    readers: dict  # group index -> unit indices reading it
+    shares: list  # per group, neurons shared
+
+
+def topology(plan: graph.Plan, shares: list[int]) -> _Topology:
+    """The zip groups of ``plan`` with per-group shares from per-hidden-unit ``shares``.
+
+    Raises:
+        ValueError: if the units of one coupled group were given different shares.
+    """
+    groups = plan.zip_groups()
+    group_of = {u: g for g, members in enumerate(groups) for u in members}
+    source = {u: plan.input_group(u, groups) for u in range(len(plan.units))}
+    readers = {g: [u for u, s in source.items() if s == g] for g in range(len(groups))}
+    per_group = []
+    for members in groups:
+        counts = {shares[u] for u in members}
+        if len(counts) != 1:
+            names = [plan.units[u].name for u in members]
+            raise ValueError(
+                f"Layers {names} write into one residual stream and must share the same "
+                f"number of neurons. Received shares {[shares[u] for u in members]}."
+            )
+        per_group.append(counts.pop())
+    return _Topology(groups, group_of, source, readers, per_group)
+
+
+def _full(state: stack.LayerState) -> stack.LayerState:
+    """``state`` seen with all its input rows aligned (for layouts of whole kernels)."""
+    return dataclasses.replace(state, input_shared_units=state.kernels[0].shape[-2])
+
+
+def _hessian_index(state: stack.LayerState, channels: np.ndarray, mode: str) -> np.ndarray:
+    """Rows/columns of the layer-input Hessian that input channels ``channels`` occupy (in
+    that order), the bias row last."""
+    if state.kind == "Dense":
+        rows = (channels[:, None] * state.input_group + np.arange(state.input_group)).ravel()
+        size = state.kernels[0].shape[-2]
+    elif mode == "channel":
+        rows, size = channels, state.kernels[0].shape[-2]
+    else:
+        c_in = state.kernels[0].shape[-2]
+        positions = int(np.prod(state.kernel_prefix))
+        rows = (np.arange(positions)[:, None] * c_in + channels[None, :]).ravel()
+        size = positions * c_in
+    return np.append(rows, size) if state.use_bias else rows
+
+
+def _row_index(state: stack.LayerState, channels: np.ndarray) -> np.ndarray:
+    """Kernel input rows (axis −2) of input channels ``channels``."""
+    group = state.input_group
+    return (channels[:, None] * group + np.arange(group)).ravel()
+
+
+def original_hessians(plans, models, states, calibration, mode) -> list:
+    """Per hidden unit, each task's full layer-input Hessian in its input model (NumPy)."""
+    per_task = []
+    for task, model in models.items():
+        units = plans[task].hidden_units
+        feature_model = keras.Model(
+            model.input, [model.get_layer(unit.name).input for unit in units]
+        )
+
+        def features(batch, feature_model=feature_model):
+            rows = []
+            for x, state in zip(feature_model(batch, training=False), states):
+                if state.kind == "Dense" and state.input_group > 1:
+                    # Keras flattens (h, w, c); zipped kernels are channel-major (c, h, w).
+                    n = tf.shape(x)[0]
+                    x = tf.reshape(x, [n, state.input_group, -1])
+                    x = tf.reshape(tf.transpose(x, [0, 2, 1]), [n, -1])
+                rows.append(layer_zip.hessian_rows(x, state, mode))
+            return rows
+
+        hessians, _ = hessian.input_hessians(
+            features,
+            calibration[task],
+            [state.use_bias for state in states[: len(units)]],
+            description=f"calibration data of task {task!r}",
+        )
+        per_task.append([h.numpy() for h in hessians])
+    return [list(h) for h in zip(*per_task)]
+
+
+def _pair_costs(w_group, w_t, h_group, h_t, config, rng) -> np.ndarray:
+    if config["criterion"] == "random":
+        return rng.random((w_group.shape[-1], w_t.shape[-1]))
+    if config["criterion"] == "euclidean":
+        eye = np.eye(h_group.shape[0])
+        return cost.merge_costs(w_group, w_t, eye, eye, config["damping"]).numpy()
+    return cost.merge_costs(w_group, w_t, h_group, h_t, config["damping"]).numpy()
+
+
+def provisional_alignment(top: _Topology, states, hessians, config, rng) -> dict:
+    """Full matchings of every group on the input models (module docstring).
+
+    Returns:
+        {group: [(rows of task 0, rows of task t)] per task t ≥ 1}: matched neuron
+        indices, task 0's in ascending order.
+    """
+    mode = config["hessian"]
+    aligned: dict = {}
+    for _ in range(PROVISIONAL_SWEEPS):
+        for g, members in enumerate(top.groups):
+            pairs = []
+            for t in range(1, len(states[0].kernels)):
+                costs = 0.0
+                for w in members:
+                    view = _aligned_view(states[w], hessians[w], top.source[w], aligned, t, mode)
+                    if view is not None:
+                        costs = costs + _pair_costs(*view, config, rng)
+                if np.isscalar(costs):  # no writer has aligned inputs yet: keep index order
+                    n = min(states[members[0]].units[0], states[members[0]].units[t])
+                    pairs.append((np.arange(n), np.arange(n)))
+                    continue
+                rows, cols = matching_lib.match(costs, min(costs.shape), config["matching"])
+                order = np.argsort(rows)
+                pairs.append((rows[order], cols[order]))
+            aligned[g] = pairs
+    return aligned
+
+
+def _aligned_view(state, hessians, source, aligned, t, mode):
+    """(w_0, w_t, H_0, H_t) of a unit in the input models with task t's input rows put in
+    task 0's order by the provisional alignment of ``source``, or None if not aligned."""
+    full = _full(state)
+    kernels = [state.kernels[0], state.kernels[t]]
+    h = [hessians[0], hessians[t]]
+    if source is not None:
+        if source not in aligned:
+            return None
+        channels = aligned[source][t - 1]
+        kernels = [k[..., _row_index(state, c), :] for k, c in zip(kernels, channels)]
+        h = [m[np.ix_(i, i)] for m, i in zip(h, (_hessian_index(state, c, mode) for c in channels))]
+        full = dataclasses.replace(full, input_shared_units=kernels[0].shape[-2])
+    w = [
+        layer_zip.cost_layout(full, kernel, bias, mode)
+        for kernel, bias in zip(kernels, (state.biases[0], state.biases[t]))
+    ]
+    return w[0], w[1], h[0], h[1]
+
+
+def _current_view(state, mode):
+    """Each task's layout of its own neurons on the shared inputs."""
+    return [layer_zip.cost_layout(state, k, b, mode) for k, b in zip(state.kernels, state.biases)]
+
+
+def decide_group(g, top, states, current, provisional, original, config, rng) -> list:
+    """Chooses group ``g``'s matching from the summed costs of its writers.
+
+    ``current`` maps each writer whose input is aligned in the zipped network to its
+    current per-task Hessians; the other writers use ``provisional``/``original``.
+    Tasks join one at a time: task 1 ties k of its neurons to k of task 0's, every further
+    task ties k of its neurons to the k of the group (its weights the Hessian-weighted
+    merge of its members, its Hessian Σ H_t).
+
+    Returns:
+        Per task, the indices of its k matched neurons in pair order.
+    """
+    mode, k = config["hessian"], top.shares[g]
+    num_tasks = len(states[top.groups[g][0]].kernels)
+    if k == 0:
+        return [np.zeros(0, dtype=np.int64)] * num_tasks
+    views = {}
+    for w in top.groups[g]:
+        if w in current:
+            weights = _current_view(states[w], mode)
+            views[w] = (weights, list(current[w]))
+        else:
+            views[w] = None
+    group = {w: (v[0][0], v[1][0]) for w, v in views.items() if v is not None}
+    picked = [None] * num_tasks
+    for t in range(1, num_tasks):
+        costs = 0.0
+        for w in top.groups[g]:
+            if views[w] is not None:
+                w_g, h_g = group[w]
+                costs = costs + _pair_costs(w_g, views[w][0][t], h_g, views[w][1][t], config, rng)
+            elif provisional is not None:
+                view = _aligned_view(states[w], original[w], top.source[w], provisional, t, mode)
+                w_0, w_t, h_0, h_t = view
+                if t > 1:  # task 0's matched neurons stand in for the group
+                    w_0 = w_0[..., picked[0]]
+                costs = costs + _pair_costs(w_0, w_t, h_0, h_t, config, rng)
+        seeding = t == 1
+        rows, cols = matching_lib.match(costs, k if seeding else costs.shape[0], config["matching"])
+        if seeding:
+            picked[0] = rows
+        else:
+            order = np.argsort(rows)
+            rows, cols = rows[order], cols[order]
+        picked[t] = cols
+        for w, (w_g, h_g) in group.items():
+            w_g = w_g[..., rows] if seeding else w_g
+            pair = [w_g, views[w][0][t][..., cols]]
+            h_pair = [h_g, views[w][1][t]]
+            merged = cost.merged_weights(pair, h_pair, config["damping"]).numpy()
+            group[w] = (merged, h_g + views[w][1][t])
+    return picked
+
+
+def permute_group(g, top, states, picked) -> None:
+    """Puts every writer's neurons and every reader's input rows of group ``g`` in the order
+    [matched, in pair order; the rest in original order], per task; readers then take the
+    first k channels as aligned inputs."""
+    k = top.shares[g]
+    for t, chosen in enumerate(picked):
+        n = states[top.groups[g][0]].kernels[t].shape[-1]
+        order = np.concatenate([chosen, np.setdiff1d(np.arange(n), chosen)])
+        for w in top.groups[g]:
+            state = states[w]
+            state.kernels[t] = state.kernels[t][..., order]
+            state.biases[t] = state.biases[t][order]
+            if state.norms:
+                state.norms[t] = tuple(v[order] for v in state.norms[t])
+        for r in top.readers[g]:
+            reader = states[r]
+            reader.kernels[t] = reader.kernels[t][..., _row_index(reader, order), :]
+    for r in top.readers[g]:
+        reader = states[r]
+        reader.input_shared_units = k * reader.input_group
+        prefix = reader.kernel_prefix
+        reader.shared_kernel = np.zeros(prefix + (reader.input_shared_units, 0))
+        reader.cross_kernels = [
+            np.zeros(prefix + (kernel.shape[-2] - reader.input_shared_units, 0))
+            for kernel in reader.kernels
+        ]
+
+
+def tie_unit(state: stack.LayerState, k: int, hessians, config) -> float:
+    """Ties the first k neurons of every task into k shared ones, in place; returns the
+    summed cost ½ Σ_t (w_t − w̃)ᵀ H_t (w_t − w̃) (true Hessians whatever the merge)."""
+    mode, damping = config["hessian"], config["damping"]
+    if k == 0:
+        return 0.0
+    layouts = [
+        layer_zip.cost_layout(state, kernel, bias, mode)[..., :k]
+        for kernel, bias in zip(state.kernels, state.biases)
+    ]
+    if config["merge"] == "hessian":
+        merged = cost.merged_weights(layouts, hessians, damping).numpy()
+    else:
+        merged = np.mean(layouts, axis=0)
+    total = float(tf.reduce_sum(cost.deviation_costs(layouts, hessians, merged, damping)))
+    k_in = state.input_shared_units
+    state.cross_kernels = [kernel[..., k_in:, :k] for kernel in state.kernels]
+    state.shared_kernel, state.shared_bias = layer_zip.unpack_merged(state, merged, mode)
+    state.kernels = [kernel[..., k:] for kernel in state.kernels]
+    state.biases = [bias[k:] for bias in state.biases]
+    state.shared_units = k
+    return total
+
+
+def propagate_common(plan: graph.Plan, states: list) -> None:
+    """Sets each unit's ``common_input``: whether all tasks receive one tensor there."""
+    common = {graph.MODEL_INPUT: True}
+    states_iter = iter(states)
+    for index, step in enumerate(plan.steps):
+        inputs = [common[i] for i in step.inputs]
+        if isinstance(step, graph.Unit):
+            state = next(states_iter)
+            state.common_input = inputs[0]
+            common[index] = state.common_output
+        else:
+            common[index] = all(inputs)
+
+
+def zip_graph(
+    plan,
+    plans,
+    models,
+    task_names,
+    states,
+    calibration,
+    shares,
+    config,
+    retrain,
+    evaluation,
+    report,
+    verbose,
+) -> keras.Model:
+    """Zips every hidden unit of a residual network (module docstring); returns the model.
+
+    Arguments as :func:`mtz_tf.zipper.zip_models`'s internals: ``states`` from
+    :func:`mtz_tf.stack.separate_states`, ``shares`` one count per hidden unit.
+    """
+    top = topology(plan, shares)
+    mode = config["hessian"]
+    hidden = plan.hidden_units
+    rng = np.random.default_rng([config["seed"], 7])
+    began = time.time()
+    coupled = any(len(members) > 1 for members in top.groups)
+    original = provisional = None
+    if coupled and config["criterion"] != "random":
+        original = original_hessians(plans, models, states, calibration, mode)
+        provisional = provisional_alignment(top, states, original, config, rng)
+    report.alignment_seconds = time.time() - began
+    report.coupled_groups = [
+        [plan.units[w].name for w in members] for members in top.groups if len(members) > 1
+    ]
+    decided = set()
+    retrain_offset = 0
+    propagate_common(plan, states)
+    model = stack.build_model(plan, task_names, states)
+    for u in range(len(hidden)):
+        began = time.time()
+        timings = {}
+        g = top.group_of[u]
+        layers = stack.zipped_layers(model)
+        writers = top.groups[g] if g not in decided else (u,)
+        aligned = [w for w in writers if top.source[w] is None or top.source[w] in decided]
+        hessians = layer_zip.layers_hessians(
+            model, [layers[w] for w in aligned], [states[w] for w in aligned], calibration, mode
+        )
+        current = dict(zip(aligned, hessians))
+        timings["hessians"] = time.time() - began
+        if g not in decided:
+            picked = decide_group(g, top, states, current, provisional, original, config, rng)
+            permute_group(g, top, states, picked)
+            decided.add(g)
+        timings["costs_matching"] = time.time() - began - sum(timings.values())
+        merge_cost = tie_unit(states[u], top.shares[g], current[u], config)
+        propagate_common(plan, states)
+        timings["merge"] = time.time() - began - sum(timings.values())
+        model = stack.build_model(plan, task_names, states)
+        timings["rebuild"] = time.time() - began - sum(timings.values())
+        layer_report = LayerReport(
+            name=hidden[u].name,
+            widths=dict(zip(task_names, states[u].units)),
+            shared=states[u].shared_units,
+            merge_cost=merge_cost,
+        )
+
+        retrain_offset = after_layer(
+            model,
+            layer_report,
+            u,
+            len(hidden),
+            retrain,
+            evaluation,
+            retrain_offset,
+            began,
+            timings,
+            verbose,
+        )
+        if layer_report.retrain_steps:
+            states[:] = stack.read_states(model, plan)
+        report.layers.append(layer_report)
+    return model

@@ -1,0 +1,165 @@
+"""Zipping residual networks: coupled channel groups through Add, one matching per stream."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import max_abs_diff
+
+import mtz_tf
+from mtz_tf import data, models
+
+
+def _with_batch_norm_statistics(model, seed):
+    """Gives every BatchNormalization non-trivial γ, β and moving statistics, as training
+    would, so that BN matters in the comparisons."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 1.5, n))
+            layer.beta.assign(rng.normal(0, 0.1, n))
+            layer.moving_mean.assign(rng.normal(0, 0.1, n))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n))
+    return model
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return _with_batch_norm_statistics(models.resnet20((28, 28, 1), 5, 0.25, seed=1), 0)
+
+
+@pytest.fixture(scope="module")
+def resnet8():
+    return _with_batch_norm_statistics(
+        models.resnet20((28, 28, 1), 5, 0.25, seed=3, blocks_per_stage=1), 2
+    )
+
+
+@pytest.fixture(scope="module")
+def images(fashion):
+    x = fashion[2][:128]
+    return x, data.to_dataset(x, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def zipped_pair(resnet, images):
+    permuted = models.permute_hidden(resnet, seed=5)
+    calib = images[1]
+    return permuted, mtz_tf.zip_models(
+        {"a": resnet, "b": permuted}, {"a": calib, "b": calib}, verbose=0
+    )
+
+
+def test_resnet20_permutation_recovery(resnet, images, zipped_pair):
+    x = images[0]
+    permuted, (zipped, report) = zipped_pair
+    assert max_abs_diff(permuted(x), resnet(x)) < 1e-5
+    outputs = zipped(x)
+    assert max_abs_diff(outputs["a"], resnet(x)) < 1e-5
+    assert max_abs_diff(outputs["b"], resnet(x)) < 1e-5
+    assert all(layer.merge_cost < 1e-8 for layer in report.layers)
+    assert len(report.coupled_groups) == 3 and len(report.layers) == 21
+
+
+@pytest.mark.parametrize("hessian", ["channel", "patch"])
+def test_resnet_permutation_recovery_with_folded_batch_norm(resnet8, images, hessian):
+    x, calib = images
+    permuted = models.permute_hidden(resnet8, seed=6)
+    zipped, report = mtz_tf.zip_models(
+        {"a": resnet8, "b": permuted},
+        {"a": calib, "b": calib},
+        batch_norm="fold",
+        hessian=hessian,
+        verbose=0,
+    )
+    assert max_abs_diff(zipped(x)["a"], resnet8(x)) < 1e-5
+    assert max_abs_diff(zipped(x)["b"], resnet8(x)) < 1e-5
+    # Folded and fully shared: one trunk computed once, a head per task.
+    assert all(layer.common_output for layer in mtz_tf.stack.zipped_layers(zipped)[:-1])
+
+
+def test_three_resnets_zip_into_one(resnet8, images):
+    x, calib = images
+    base = resnet8
+    tasks = {"a": base, "b": models.permute_hidden(base, 1), "c": models.permute_hidden(base, 2)}
+    zipped, report = mtz_tf.zip_models(tasks, {t: calib for t in tasks}, verbose=0)
+    for task in tasks:
+        assert max_abs_diff(zipped(x)[task], base(x)) < 1e-5
+    # Everything but the heads and the per-task BatchNorms is stored once.
+    heads = 3 * base.get_layer("fc").count_params()
+    trunk = base.count_params() - base.get_layer("fc").count_params()
+    bn = sum(layer.count_params() for layer in base.layers if "bn" in layer.name)
+    assert report.parameters["total"] == trunk - bn + 3 * bn + heads
+
+
+def test_partial_share_keeps_streams_consistent(resnet8, images):
+    x, calib = images
+    resnet = resnet8
+    other = _with_batch_norm_statistics(
+        models.resnet20((28, 28, 1), 5, 0.25, seed=4, blocks_per_stage=1), 1
+    )
+    zipped, report = mtz_tf.zip_models(
+        {"a": resnet, "b": other}, {"a": calib, "b": calib}, share=0.5, verbose=0
+    )
+    by_name = {layer.name: layer for layer in report.layers}
+    for group in report.coupled_groups:
+        assert len({by_name[name].shared for name in group}) == 1
+    assert by_name["stem_conv"].shared == 2 and by_name["stage3_block1_proj_conv"].shared == 8
+    outputs = zipped(x)
+    assert np.all(np.isfinite(outputs["a"])) and outputs["b"].shape == (128, 5)
+    # Nothing shared: the zipped model is the two models side by side.
+    unshared, _ = mtz_tf.zip_models(
+        {"a": resnet, "b": other}, {"a": calib, "b": calib}, share=0.0, verbose=0
+    )
+    assert max_abs_diff(unshared(x)["a"], resnet(x)) < 1e-5
+    assert max_abs_diff(unshared(x)["b"], other(x)) < 1e-5
+
+
+def _two_writer_model(a_kernel, b_kernel, name):
+    inputs = keras.Input((3,))
+    a = keras.layers.Dense(2, name="a")(inputs)
+    b = keras.layers.Dense(2, name="b")(inputs)
+    x = keras.layers.ReLU(name="relu")(keras.layers.Add(name="add")([a, b]))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x), name=name)
+    model.get_layer("a").set_weights([a_kernel, np.zeros(2)])
+    model.get_layer("b").set_weights([b_kernel, np.zeros(2)])
+    return model
+
+
+def test_stream_matching_uses_the_summed_cost_of_all_writers():
+    rng = np.random.default_rng(0)
+    a_kernel = np.array([[1.0, 1.01], [0.5, 0.49], [0.0, 0.02]])  # two near-equal neurons
+    b_kernel = 10 * rng.normal(size=(3, 2))
+    model_a = _two_writer_model(a_kernel, b_kernel, "m_a")
+    model_b = _two_writer_model(a_kernel, b_kernel[:, ::-1], "m_b")  # b's neurons swapped
+    x = rng.normal(size=(256, 3)).astype("float32")
+    calib = data.to_dataset(x, batch_size=128)
+    _, report = mtz_tf.zip_models(
+        {"a": model_a, "b": model_b}, {"a": calib, "b": calib}, matching="optimal", verbose=0
+    )
+    costs = {layer.name: layer.merge_cost for layer in report.layers}
+    # Writer a alone would keep index order (cost 0); the sum with writer b swaps the pair.
+    assert costs["b"] < 1e-8 < costs["a"]
+    assert report.coupled_groups == [["a", "b"]]
+
+
+def test_residual_bad_input(resnet, images, zipped_pair):
+    _, calib = images
+    other, (zipped, _) = zipped_pair
+    pair, calibration = {"a": resnet, "b": other}, {"a": calib, "b": calib}
+    with pytest.raises(ValueError, match="must share the same number of neurons"):
+        mtz_tf.zip_models(pair, calibration, share={"stem_conv": 2}, verbose=0)
+    with pytest.raises(ValueError, match="no `checkpoint_dir` yet"):
+        mtz_tf.zip_models(pair, calibration, checkpoint_dir="/tmp/never", verbose=0)
+    with pytest.raises(ValueError, match="residual network is not supported"):
+        mtz_tf.add_task(zipped, "c", resnet, dict(calibration, c=calib))
+    inputs = keras.Input((8, 8, 1))
+    a = keras.layers.Conv2D(2, 3, padding="same", name="a")(inputs)
+    b = keras.layers.Conv2D(2, 3, padding="same", name="b")(inputs)
+    s = keras.layers.Conv2D(4, 1, name="s")(inputs)
+    x = keras.layers.Add()([keras.layers.Concatenate()([a, b]), s])
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="fc")(x))
+    small = data.to_dataset(np.zeros((4, 8, 8, 1), "float32"), batch_size=4)
+    with pytest.raises(ValueError, match=r"\['s'\] have only part of their channels coupled"):
+        mtz_tf.zip_models({"a": model, "b": model}, {"a": small, "b": small}, verbose=0)
