@@ -6,9 +6,9 @@
    float64 matmul throughput (measured in the same run) that the accumulation achieves on
    its FLOPs (2·rows·d² per batch).
 2. End-to-end zip (no retraining) of two networks, split into Hessians, costs + matching +
-   merge, and model rebuild, from the report's per-layer timings. ResNet-20 is not
-   zippable yet (residual groups are an open issue); VGG-16 (width 0.5, 32x32 inputs,
-   BatchNorm) and LeNet-5 stand in.
+   merge, and model rebuild, from the report's per-layer timings: LeNet-5, VGG-16 (width
+   0.5, 32x32 inputs, BatchNorm) and ResNet-20 (32x32, BatchNorm, shortcuts; its residual
+   streams add the provisional alignment on the input models).
 
     python benchmarks/bench_hessian.py [--batches=4]
 """
@@ -67,6 +67,7 @@ def zip_phases() -> None:
             (32, 32, 3),
             lambda s: models.vgg16((32, 32, 3), 10, 0.5, seed=s),
         ),
+        "ResNet-20 + BN (32x32)": ((32, 32, 3), lambda s: models.resnet20(seed=s)),
     }
     for name, (shape, build) in cases.items():
         pair = {"a": build(1), "b": build(2)}
@@ -75,7 +76,9 @@ def zip_phases() -> None:
         began = time.perf_counter()
         _, report = zip_models(pair, {"a": calib, "b": calib}, share=1.0, verbose=0)
         total = time.perf_counter() - began
-        phases = {}
+        phases = (
+            {"provisional alignment": report.alignment_seconds} if report.coupled_groups else {}
+        )
         for layer in report.layers:
             for phase, seconds in layer.timings.items():
                 phases[phase] = phases.get(phase, 0.0) + seconds

@@ -17,6 +17,7 @@ import sys
 import time
 
 import keras
+import residual_experiments as rx
 from absl import app, flags, logging
 
 import mtz_tf
@@ -24,7 +25,10 @@ from mtz_tf import data, io_utils, models, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
-    "experiment", "lenet300", ["lenet300", "lenet5", "zip_merge"], "Which table to regenerate."
+    "experiment",
+    "lenet300",
+    ["lenet300", "lenet5", "zip_merge", "resnet20_split", "resnet20_three"],
+    "Which table to regenerate.",
 )
 flags.DEFINE_string("results_dir", "results", "Where the JSON and Markdown tables go.")
 flags.DEFINE_string("data_dir", None, "Directory of Fashion-MNIST IDX files.")
@@ -44,6 +48,22 @@ flags.DEFINE_float(
 )
 flags.DEFINE_integer("retrain_batch_size", 128, "Samples per task per retraining iteration.")
 flags.DEFINE_float("retrain_learning_rate", 3e-4, "Adam learning rate of the retraining.")
+flags.DEFINE_integer(
+    "residual_train_size", 8000, "resnet20_*: training samples per task (seeded subset)."
+)
+flags.DEFINE_integer("residual_max_epochs", 2, "resnet20_*: epoch limit when training.")
+flags.DEFINE_integer("residual_calibration_size", 256, "resnet20_*: calibration samples per task.")
+flags.DEFINE_integer(
+    "residual_steps_per_layer", 2, "resnet20_*: joint retraining iterations per hidden layer."
+)
+flags.DEFINE_integer("residual_batch_size", 64, "resnet20_*: retraining samples per task per step.")
+flags.DEFINE_list(
+    "residual_shares",
+    None,
+    "resnet20_*: fractions of every hidden layer's neurons to share (default: 0.25,0.5,0.75,1.0 "
+    "for resnet20_split, 0.5,1.0 for resnet20_three).",
+)
+flags.DEFINE_enum("residual_hessian", "channel", ["channel", "patch"], "resnet20_*: conv Hessian.")
 
 VARIANTS = (
     ("(a) random pairing + average", dict(criterion="random", merge="average")),
@@ -298,8 +318,47 @@ def markdown(record: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def residual_experiment() -> None:
+    """resnet20_split (two label halves, width x2, five shared fractions) or resnet20_three
+    (three label groups, width x1, half and full sharing); writes JSON, Markdown, PNG."""
+    split = FLAGS.experiment == "resnet20_split"
+    groups = rx.SPLIT_GROUPS if split else rx.THREE_GROUPS
+    record = rx.different_task_experiment(
+        groups,
+        width=2.0 if split else 1.0,
+        shares=[float(f) for f in FLAGS.residual_shares]
+        if FLAGS.residual_shares
+        else ((0.25, 0.5, 0.75, 1.0) if split else (0.5, 1.0)),
+        model_dir=FLAGS.model_dir,
+        data_dir=FLAGS.data_dir,
+        train_size=FLAGS.residual_train_size,
+        max_epochs=FLAGS.residual_max_epochs,
+        calibration_size=FLAGS.residual_calibration_size,
+        steps_per_layer=FLAGS.residual_steps_per_layer,
+        retrain_batch_size=FLAGS.residual_batch_size,
+        learning_rate=FLAGS.retrain_learning_rate,
+        hessian=FLAGS.residual_hessian,
+    )
+    command = "python experiments/reproduce.py " + " ".join(sys.argv[1:])
+    record["command"] = command
+    stem = os.path.join(FLAGS.results_dir, f"{FLAGS.experiment}_fashion_mnist")
+    title = (
+        "MTZ different tasks: two ResNet-20 on the two halves of Fashion-MNIST's labels"
+        if split
+        else "MTZ different tasks: three ResNet-20 on three label groups, zipped into one"
+    )
+    text = rx.markdown(record, title, command)
+    io_utils.write_json(stem + ".json", record)
+    io_utils.write_text(stem + ".md", text)
+    rx.plot(record, stem + ".png")
+    print(text)
+
+
 def main(argv):
     del argv
+    if FLAGS.experiment.startswith("resnet20"):
+        residual_experiment()
+        return
     if FLAGS.experiment == "zip_merge":
         text = zip_merge_experiment()
         io_utils.write_text(os.path.join(FLAGS.results_dir, "zip_then_merge_lenet300.md"), text)

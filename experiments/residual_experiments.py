@@ -9,11 +9,15 @@ at several shared fractions, without and with light joint retraining.
 from __future__ import annotations
 
 import os
+import time
 
+import keras
 import numpy as np
 from absl import logging
 
-from mtz_tf import data, io_utils, training
+import mtz_tf
+from mtz_tf import data, io_utils, models, stack, training
+from mtz_tf.compress import flops
 
 
 def cached_classifier(
@@ -67,3 +71,200 @@ def group_name(classes) -> str:
 def task_splits(groups, data_dir=None) -> dict:
     """{task name: load_task splits} for each label group."""
     return {group_name(g): data.load_task("fashion_mnist", g, data_dir=data_dir) for g in groups}
+
+
+def _accuracies(model, test_sets: dict) -> dict:
+    return mtz_tf.retrain.task_accuracies(model, test_sets)
+
+
+def different_task_experiment(
+    groups,
+    width: float,
+    shares,
+    model_dir: str,
+    data_dir,
+    train_size: int,
+    max_epochs: int,
+    calibration_size: int,
+    steps_per_layer: int,
+    retrain_batch_size: int,
+    learning_rate: float,
+    hessian: str,
+    bn_momentum: float = 0.9,
+) -> dict:
+    """Zips one ResNet-20 per label group at each shared fraction; returns the JSON record.
+
+    Per fraction f, every hidden layer shares round(f · width) neurons (MTZ greedy,
+    per-task BatchNorm), once without retraining and once with ``steps_per_layer`` joint
+    Adam steps after each layer. Accuracy is measured on each group's test split; the
+    retraining is monitored on the validation splits only.
+    """
+    splits = task_splits(groups, data_dir)
+    tasks = list(splits)
+    originals, iterations = {}, {}
+    for seed, (task, classes) in enumerate(zip(tasks, groups), start=1):
+        path = os.path.join(model_dir, f"resnet20_w{width:g}_{task}_seed{seed}.keras")
+
+        num_classes = len(classes)
+
+        def build(s, n=num_classes):
+            return models.resnet20((28, 28, 1), n, width, seed=s, bn_momentum=bn_momentum)
+
+        model, iterations[task] = cached_classifier(
+            path, build, splits[task], max_epochs, 1, seed, train_size
+        )
+        originals[task] = models.permute_hidden(model, seed=100 + seed)
+    calibration = {
+        t: data.to_dataset(
+            data.calibration_subset(splits[t]["train"][0], calibration_size, seed=i),
+            batch_size=256,
+        )
+        for i, t in enumerate(tasks)
+    }
+    test_sets = {t: data.to_dataset(*splits[t]["test"], batch_size=500) for t in tasks}
+    validation = {t: data.to_dataset(*splits[t]["validation"], batch_size=500) for t in tasks}
+    separate = {
+        t: _accuracies(stack_of_one(m, t), {t: test_sets[t]})[t] for t, m in originals.items()
+    }
+    separate_params = sum(m.count_params() for m in originals.values())
+    separate_macs = sum(flops.count_flops(m) for m in originals.values())
+    rows = [
+        {
+            "share": 0.0,
+            "retrained": False,
+            "test_accuracy": separate,
+            "parameters": separate_params,
+            "shared_parameter_fraction": 0.0,
+            "macs": separate_macs,
+            "retrain_iterations": 0,
+            "seconds": 0.0,
+        }
+    ]
+    for share in shares:
+        for retrained in (False, True):
+            began = time.time()
+            retrain = None
+            if retrained:
+                retrain = mtz_tf.Retrain(
+                    {
+                        t: data.training_stream(*splits[t]["train"], retrain_batch_size, seed=i)
+                        for i, t in enumerate(tasks)
+                    },
+                    steps_per_layer=steps_per_layer,
+                    optimizer=keras.optimizers.Adam(learning_rate),
+                    verbose=0,
+                )
+            zipped, report = mtz_tf.zip_models(
+                originals,
+                calibration,
+                share=share,
+                hessian=hessian,
+                retrain=retrain,
+                evaluation=validation,
+                verbose=1,
+            )
+            rows.append(
+                {
+                    "share": share,
+                    "retrained": retrained,
+                    "test_accuracy": _accuracies(zipped, test_sets),
+                    "validation_accuracy": (
+                        report.layers[-1].accuracy_after_retraining
+                        or report.layers[-1].accuracy_before_retraining
+                    ),
+                    "parameters": report.parameters["total"],
+                    "shared_parameter_fraction": mtz_tf.shared_fraction(zipped),
+                    "macs": stack.multiply_accumulates(zipped),
+                    "retrain_iterations": report.retrain_steps,
+                    "merge_cost": sum(layer.merge_cost for layer in report.layers),
+                    "alignment_seconds": report.alignment_seconds,
+                    "seconds": time.time() - began,
+                }
+            )
+            logging.info("share %.2f retrained=%s: %s", share, retrained, rows[-1])
+    return {
+        "groups": [list(g) for g in groups],
+        "tasks": tasks,
+        "width_multiplier": width,
+        "scratch_iterations": iterations,
+        "separate_test_accuracy": separate,
+        "hessian": hessian,
+        "steps_per_layer": steps_per_layer,
+        "rows": rows,
+    }
+
+
+def stack_of_one(model, task: str):
+    """A single-task model as a dict-output model, for :func:`task_accuracies`."""
+    return keras.Model(model.input, {task: model.output})
+
+
+def markdown(record: dict, title: str, command: str) -> str:
+    tasks = record["tasks"]
+    sep = record["separate_test_accuracy"]
+    lines = [
+        f"# {title}",
+        "",
+        "Regenerate with:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Label groups {record['groups']} of Fashion-MNIST (labels remapped), one ResNet-20 "
+        f"(width x{record['width_multiplier']:g}, BatchNorm, projection shortcuts) per group, "
+        f"trained from scratch for {record['scratch_iterations']} iterations (best "
+        "validation epoch), hidden units permuted. Each row shares the given fraction of "
+        "every hidden layer's neurons (MTZ greedy, one matching per residual stream, "
+        f"{record['hessian']} Hessians, per-task BatchNorm); retraining: "
+        f"{record['steps_per_layer']} joint Adam steps after each of the 21 hidden layers. "
+        "Test accuracy (%) per task; 'shared params' is the fraction of the zipped model's "
+        "parameter uses that go to shared weights; MACs for one input, all tasks.",
+        "",
+        "| neurons shared | retraining | "
+        + " | ".join(f"{t} acc (Δ)" for t in tasks)
+        + " | parameters | shared params | MACs | iterations |",
+        "|---|---|" + "---|" * len(tasks) + "---|---|---|---|",
+    ]
+    for row in record["rows"]:
+        acc = " | ".join(
+            f"{100 * row['test_accuracy'][t]:.2f} ({100 * (row['test_accuracy'][t] - sep[t]):+.2f})"
+            for t in tasks
+        )
+        label = "separate models" if row["share"] == 0 else f"{100 * row['share']:.0f} %"
+        lines.append(
+            f"| {label} | {'yes' if row['retrained'] else 'no'} | {acc} | "
+            f"{row['parameters']:,} | {100 * row['shared_parameter_fraction']:.1f} % | "
+            f"{row['macs'] / 1e6:.1f} M | {row['retrain_iterations']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path: str) -> None:
+    """Accuracy against the shared parameter fraction, per task, with and without
+    retraining; written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for t in record["tasks"]:
+        for retrained, style in ((False, "--o"), (True, "-s")):
+            rows = [r for r in record["rows"] if r["retrained"] == retrained or r["share"] == 0]
+            axis.plot(
+                [100 * r["shared_parameter_fraction"] for r in rows],
+                [100 * r["test_accuracy"][t] for r in rows],
+                style,
+                label=f"{t}, {'retrained' if retrained else 'no retraining'}",
+            )
+    axis.set_xlabel("parameters shared (%)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title("Zipped ResNet-20s on Fashion-MNIST label groups")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    temp = path + ".tmp.png"
+    figure.savefig(temp, dpi=120)
+    plt.close(figure)
+    os.replace(temp, path)

@@ -77,13 +77,25 @@ def layers_hessians(
 ) -> list[list[tf.Tensor]]:
     """:func:`layer_hessians` of several layers of ``model``, one pass over each task's
     data: per layer, per task."""
-    feature_model = keras.Model(model.input, [layer.input for layer in layers])
+    # Keras flattens nested outputs, so a layer taking one input per task contributes T
+    # outputs; `spans` regroups them.
+    outputs, spans = [], []
+    for layer in layers:
+        per_task_input = isinstance(layer.input, (list, tuple))
+        items = list(layer.input) if per_task_input else [layer.input]
+        spans.append((len(outputs), len(items), per_task_input))
+        outputs += items
+    feature_model = keras.Model(model.input, outputs)
     per_task = []
     for t, (task, dataset) in enumerate(calibration.items()):
 
         def features(batch, t=t):
-            inputs = feature_model(batch, training=False)
-            inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+            flat = feature_model(batch, training=False)
+            flat = list(flat) if isinstance(flat, (list, tuple)) else [flat]
+            inputs = [
+                flat[start : start + count] if listed else flat[start]
+                for start, count, listed in spans
+            ]
             return [
                 hessian_rows(
                     (x if state.common_input else x[t])[..., : state.input_shared_units],

@@ -375,3 +375,23 @@ def multi_head_model(zipped: keras.Model) -> keras.Model:
             y = plain(y)
         outputs[task] = y
     return keras.Model(inputs, outputs, name=f"{zipped.name}_multi_head")
+
+
+def multiply_accumulates(model: keras.Model) -> int:
+    """Multiply-accumulates of a zipped model's zipped layers for one input, all tasks.
+
+    Per layer, with P output positions (1 for Dense) and kernel positions K (kh·kw, 1 for
+    Dense): the shared neurons' P·K·k_in·k once when every task gets the same input (else
+    once per task), each task's P·K·m_t·k through its cross-weights and P·K·d_t·(n_t − k)
+    for its own neurons — the convention of :func:`mtz_tf.compress.flops.count_flops`.
+    """
+    total = 0
+    for layer in zipped_layers(model):
+        output = layer.output[0] if isinstance(layer.output, (list, tuple)) else layer.output
+        positions = int(np.prod(output.shape[1:-1])) if len(output.shape) > 2 else 1
+        shared = int(np.prod(layer.shared_kernel.shape))
+        users = sum(1 for t in range(len(layer.task_names)) if layer.shared_count(t))
+        total += positions * shared * (1 if layer.common_input else users)
+        for cross, kernel in zip(layer.cross_kernels, layer.task_kernels):
+            total += positions * (int(np.prod(cross.shape)) + int(np.prod(kernel.shape)))
+    return total

@@ -163,3 +163,26 @@ def test_residual_bad_input(resnet, images, zipped_pair):
     small = data.to_dataset(np.zeros((4, 8, 8, 1), "float32"), batch_size=4)
     with pytest.raises(ValueError, match=r"\['s'\] have only part of their channels coupled"):
         mtz_tf.zip_models({"a": model, "b": model}, {"a": small, "b": small}, verbose=0)
+
+
+def test_hessians_of_per_task_inputs_are_each_tasks_own(resnet8, images):
+    """A layer that takes one input per task gets each task's own input covariance."""
+    x, calib = images
+    other = models.permute_hidden(resnet8, 8)
+    zipped, _ = mtz_tf.zip_models(
+        {"a": resnet8, "b": other}, {"a": calib, "b": calib}, share=0.0, verbose=0
+    )
+    plan = mtz_tf.graph.read_plan(resnet8)
+    states = mtz_tf.stack.read_states(zipped, plan)
+    layers = mtz_tf.stack.zipped_layers(zipped)
+    for state in states:
+        state.input_shared_units = state.input_units[0]  # cover every input channel
+    hessians = mtz_tf.layer_zip.layers_hessians(
+        zipped, layers[1:3], states[1:3], {"a": calib, "b": calib}, "channel"
+    )
+    for index, per_task in zip((1, 2), hessians):
+        for model, h in zip((resnet8, other), per_task):
+            name = plan.units[index].name
+            inputs = keras.Model(model.input, model.get_layer(name).input)(x).numpy()
+            rows = inputs.reshape(-1, inputs.shape[-1]).astype(np.float64)
+            assert np.allclose(h.numpy(), rows.T @ rows / len(rows), rtol=1e-4, atol=1e-6)
