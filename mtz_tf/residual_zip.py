@@ -35,7 +35,6 @@ import tensorflow as tf
 
 from mtz_tf import cost, graph, hessian, layer_zip, stack
 from mtz_tf import matching as matching_lib
-from mtz_tf.report import LayerReport
 from mtz_tf.retrain import after_layer
 
 PROVISIONAL_SWEEPS = 2
@@ -375,18 +374,12 @@ def zip_graph(
         timings["merge"] = time.time() - began - sum(timings.values())
         model = stack.build_model(plan, task_names, states)
         timings["rebuild"] = time.time() - began - sum(timings.values())
-        layer_report = LayerReport(
-            name=hidden[u].name,
-            widths=dict(zip(task_names, states[u].units)),
-            shared=states[u].shared_units,
-            merge_cost=merge_cost,
-        )
-
-        retrain_offset = after_layer(
+        layer_report, retrain_offset = after_layer(
             model,
-            layer_report,
+            plan,
+            states,
             u,
-            len(hidden),
+            merge_cost,
             retrain,
             evaluation,
             retrain_offset,
@@ -394,7 +387,5 @@ def zip_graph(
             timings,
             verbose,
         )
-        if layer_report.retrain_steps:
-            states[:] = stack.read_states(model, plan)
         report.layers.append(layer_report)
     return model

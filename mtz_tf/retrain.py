@@ -123,28 +123,42 @@ def task_accuracies(model: keras.Model, evaluation: Mapping[str, tf.data.Dataset
 
 
 def after_layer(
-    model,
-    layer_report,
+    model: keras.Model,
+    plan,
+    states: list,
     index: int,
-    count: int,
-    retrain,
-    evaluation,
+    merge_cost: float,
+    retrain: Retrain | None,
+    evaluation: Mapping | None,
     start_step: int,
     began: float,
     timings: dict,
     verbose: int,
-) -> int:
-    """What follows zipping hidden layer ``index`` of ``count``: accuracy before and after
-    light retraining (when ``evaluation`` is given), ``retrain``'s steps for the layer, the
-    timings and a progress line, all recorded in ``layer_report``.
+):
+    """What follows zipping hidden layer ``index``: accuracy before and after light
+    retraining (when ``evaluation`` is given), ``retrain``'s steps for the layer (``states``
+    re-read from the retrained ``model``), the timings and a progress line.
 
-    Returns the retraining stream position for the next layer.
+    Returns:
+        ``(layer_report, next_step)``: the layer's :class:`~mtz_tf.report.LayerReport` and
+        the retraining stream position for the next layer.
     """
+    from mtz_tf import stack  # Lazy: stack builds models, retrain only trains them.
+    from mtz_tf.report import LayerReport
+
+    count = len(plan.hidden_units)
+    layer_report = LayerReport(
+        name=plan.hidden_units[index].name,
+        widths=dict(zip(model.output, states[index].units)),
+        shared=states[index].shared_units,
+        merge_cost=merge_cost,
+    )
     if evaluation is not None:
         layer_report.accuracy_before_retraining = task_accuracies(model, evaluation)
     steps = retrain.steps_for(index, count) if retrain is not None else 0
     if steps:
         retrain_jointly(model, retrain, steps, start_step=start_step)
+        states[:] = stack.read_states(model, plan)
         if evaluation is not None:
             layer_report.accuracy_after_retraining = task_accuracies(model, evaluation)
     layer_report.retrain_steps = steps
@@ -153,4 +167,4 @@ def after_layer(
     layer_report.timings = timings
     if verbose:
         print(layer_report.progress_line(index, count))
-    return start_step + steps
+    return layer_report, start_step + steps

@@ -34,7 +34,7 @@ import tensorflow as tf
 from mtz_tf import allocation, cost, graph, layer_zip, residual_zip, stack
 from mtz_tf import matching as matching_lib
 from mtz_tf.layer_zip import CRITERIA, HESSIAN_MODES, MERGES
-from mtz_tf.report import LayerReport, ZipReport
+from mtz_tf.report import ZipReport
 from mtz_tf.retrain import Retrain, after_layer, task_accuracies
 
 _LOG = logging.getLogger("mtz_tf")
@@ -273,18 +273,12 @@ def _zip_layers(
         timings["costs_matching_merge"] = time.time() - began - sum(timings.values())
         model = stack.build_model(plan, task_names, states)
         timings["rebuild"] = time.time() - began - sum(timings.values())
-        layer_report = LayerReport(
-            name=hidden[index].name,
-            widths=dict(zip(task_names, states[index].units)),
-            shared=states[index].shared_units,
-            merge_cost=merge_cost,
-        )
-
-        retrain_offset = after_layer(
+        layer_report, retrain_offset = after_layer(
             model,
-            layer_report,
+            plan,
+            states,
             index,
-            len(hidden),
+            merge_cost,
             retrain,
             evaluation,
             retrain_offset,
@@ -292,8 +286,6 @@ def _zip_layers(
             timings,
             verbose,
         )
-        if layer_report.retrain_steps:
-            states[:] = stack.read_states(model, plan)
         report.layers.append(layer_report)
         if checkpoint:
             directory, fingerprint = checkpoint
@@ -448,19 +440,19 @@ def zip_models(
             stack.build_model(plan, task_names, states), evaluation
         )
     if plan.is_chain:
-        zipped = _zip_chain(
-            plans,
-            models,
+        zipped = _zip_layers(
+            plan,
+            task_names,
+            states,
             calibration,
             shares,
             config,
+            list(range(len(task_names))),
             report,
             start,
             retrain,
             evaluation,
-            checkpoint_dir,
-            fingerprint,
-            states,
+            (checkpoint_dir, fingerprint) if checkpoint_dir else None,
             verbose,
         )
     else:
@@ -480,39 +472,6 @@ def zip_models(
         )
     _finish(zipped, report, int(sum(m.count_params() for m in models.values())))
     return zipped, report
-
-
-def _zip_chain(
-    plans,
-    models,
-    calibration,
-    shares,
-    config,
-    report,
-    start,
-    retrain,
-    evaluation,
-    checkpoint_dir,
-    fingerprint,
-    states,
-    verbose,
-) -> keras.Model:
-    task_names = list(models)
-    return _zip_layers(
-        plans[task_names[0]],
-        task_names,
-        states,
-        calibration,
-        shares,
-        config,
-        list(range(len(task_names))),
-        report,
-        start,
-        retrain,
-        evaluation,
-        (checkpoint_dir, fingerprint) if checkpoint_dir else None,
-        verbose,
-    )
 
 
 def add_task(
