@@ -84,25 +84,15 @@ def same_task_experiment(build, name: str, variants=VARIANTS) -> dict:
     tasks = ("model_a", "model_b")
     originals, scratch_iterations = {}, []
     for seed, task in enumerate(tasks, start=1):
-        cached = os.path.join(FLAGS.model_dir, f"{name}_seed{seed}.keras")
-        if os.path.exists(cached):
-            logging.info("Reusing %s (delete it to retrain)", cached)
-            model = io_utils.load_model(cached)
-            iterations = io_utils.read_json(cached[: -len(".keras")] + ".json")["iterations"]
-        else:
-            logging.info("Training %s (seed %d) to convergence", task, seed)
-            model = build(seed)
-            iterations = training.train_to_convergence(
-                model,
-                splits["train"],
-                splits["validation"],
-                FLAGS.max_epochs,
-                FLAGS.patience,
-                seed=seed,
-                verbose=2,
-            )
-            io_utils.save_model(model, cached)
-            io_utils.write_json(cached[: -len(".keras")] + ".json", {"iterations": iterations})
+        model, iterations = rx.cached_classifier(
+            os.path.join(FLAGS.model_dir, f"{name}_seed{seed}.keras"),
+            build,
+            splits,
+            FLAGS.max_epochs,
+            FLAGS.patience,
+            seed,
+            batch_size=128,
+        )
         scratch_iterations.append(iterations)
         originals[task] = models.permute_hidden(model, seed=100 + seed)
     x, y = splits["train"]

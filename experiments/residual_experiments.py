@@ -73,10 +73,6 @@ def task_splits(groups, data_dir=None) -> dict:
     return {group_name(g): data.load_task("fashion_mnist", g, data_dir=data_dir) for g in groups}
 
 
-def _accuracies(model, test_sets: dict) -> dict:
-    return mtz_tf.retrain.task_accuracies(model, test_sets)
-
-
 def different_task_experiment(
     groups,
     width: float,
@@ -123,9 +119,7 @@ def different_task_experiment(
     }
     test_sets = {t: data.to_dataset(*splits[t]["test"], batch_size=500) for t in tasks}
     validation = {t: data.to_dataset(*splits[t]["validation"], batch_size=500) for t in tasks}
-    separate = {
-        t: _accuracies(stack_of_one(m, t), {t: test_sets[t]})[t] for t, m in originals.items()
-    }
+    separate = {t: training.accuracy(m, *splits[t]["test"]) for t, m in originals.items()}
     separate_params = sum(m.count_params() for m in originals.values())
     separate_macs = sum(flops.count_flops(m) for m in originals.values())
     rows = [
@@ -167,7 +161,7 @@ def different_task_experiment(
                 {
                     "share": share,
                     "retrained": retrained,
-                    "test_accuracy": _accuracies(zipped, test_sets),
+                    "test_accuracy": mtz_tf.retrain.task_accuracies(zipped, test_sets),
                     "validation_accuracy": (
                         report.layers[-1].accuracy_after_retraining
                         or report.layers[-1].accuracy_before_retraining
@@ -192,11 +186,6 @@ def different_task_experiment(
         "steps_per_layer": steps_per_layer,
         "rows": rows,
     }
-
-
-def stack_of_one(model, task: str):
-    """A single-task model as a dict-output model, for :func:`task_accuracies`."""
-    return keras.Model(model.input, {task: model.output})
 
 
 def markdown(record: dict, title: str, command: str) -> str:

@@ -195,14 +195,7 @@ class Plan:
         stop), ...]`` in channel order, unit index into :attr:`units` (an empty list for
         the model input). Through ``Add``, the first input's segments (all are coupled)."""
         unit_index = {s.name: i for i, s in enumerate(self.units)}
-        step = self.steps[step_index] if step_index != MODEL_INPUT else None
-        if step is None:
-            return []
-        if isinstance(step, Unit):
-            return [(unit_index[step.name], 0, step.units)]
-        if isinstance(step, Merge) and step.kind == "Concatenate":
-            return [seg for i in step.inputs for seg in self.unit_sources(i)]
-        return self.unit_sources(step.inputs[0])
+        return [(unit_index[name], a, b) for name, a, b in _segments(self.steps, step_index)]
 
     def unit_step(self, unit_index: int) -> int:
         """The index into :attr:`steps` of unit ``unit_index``."""
@@ -562,7 +555,7 @@ def _check_plan(model: keras.Model, plan: Plan, producer: dict) -> None:
     for step in plan.steps:
         if isinstance(step, Unit):
             continue
-        before, _ = _trace_back(list(plan.steps), step.inputs[0]) if step.inputs else (None, [])
+        before, _ = _trace_back(list(plan.steps), step.inputs[0])
         after_dense = isinstance(before, Unit) and before.kind == "Dense"
         if after_dense and isinstance(step, PassThrough) and step.kind in _SPATIAL_TYPES:
             raise ValueError(

@@ -85,7 +85,7 @@ def input_hessians(
             for total, n in sums
         ]
 
-    totals, counts, samples = None, None, 0
+    totals, counts = None, None
     for batch in strategy.experimental_distribute_dataset(dataset):
         sums = step(batch)
         if totals is None:
@@ -93,7 +93,6 @@ def input_hessians(
         else:
             totals = [a + t for a, (t, _) in zip(totals, sums)]
             counts = [c + float(n) for c, (_, n) in zip(counts, sums)]
-        samples += 1
     if totals is None or not all(counts):
         raise ValueError(
             f"The {description} is empty: a Hessian needs at least one calibration sample."

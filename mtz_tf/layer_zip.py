@@ -142,6 +142,27 @@ def unpack_merged(state: LayerState, merged: np.ndarray, mode: str):
     return merged.reshape(shape), np.zeros(k)
 
 
+def pair_costs(w_group, w_t, h_group, h_t, config: dict, rng: np.random.Generator) -> np.ndarray:
+    """The (n_group, n_t) pairing costs under ``config["criterion"]``: the MTZ merge cost
+    (``"hessian"``), the squared weight distance (``"euclidean"``, H = I) or uniform
+    random numbers (``"random"``)."""
+    if config["criterion"] == "random":
+        return rng.random((w_group.shape[-1], w_t.shape[-1]))
+    if config["criterion"] == "euclidean":
+        h_group = h_t = np.eye(h_group.shape[0])
+    return cost.merge_costs(w_group, w_t, h_group, h_t, config["damping"]).numpy()
+
+
+def align_inputs(state: LayerState, k_in: int) -> None:
+    """Marks the first ``k_in`` input rows of a layer with no shared neurons yet as aligned
+    across tasks (shared inputs), with empty shared and cross kernels to match."""
+    state.input_shared_units = k_in
+    state.shared_kernel = np.zeros(state.kernel_prefix + (k_in, 0))
+    state.cross_kernels = [
+        np.zeros(state.kernel_prefix + (kernel.shape[-2] - k_in, 0)) for kernel in state.kernels
+    ]
+
+
 def zip_layer(
     state: LayerState,
     consumer: LayerState,
@@ -187,15 +208,10 @@ def zip_layer(
         group_w, group_h, group_size = layout(seed_task)[..., :0], hessians[seed_task], 1
         if k > 0:
             group_w = layout(seed_task)
-    eye = np.eye(hessians[0].shape[0])
     total_cost = 0.0
     for position, t in enumerate(queue if k > 0 or state.shared_units else []):
         w_t = layout(t)
-        if config["criterion"] == "random":
-            costs = rng.random((group_w.shape[-1], w_t.shape[-1]))
-        else:
-            h_g, h_t = (group_h, hessians[t]) if config["criterion"] == "hessian" else (eye, eye)
-            costs = cost.merge_costs(group_w, w_t, h_g, h_t, damping).numpy()
+        costs = pair_costs(group_w, w_t, group_h, hessians[t], config, rng)
         seeding = state.shared_units == 0 and position == 0
         rows, cols = matching_lib.match(
             costs, k if seeding else group_w.shape[-1], config["matching"]
@@ -237,11 +253,6 @@ def zip_layer(
         state.shared_kernel, state.shared_bias = unpack_merged(state, group_w, mode)
         state.shared_units = group_w.shape[-1]
     if consumer.shared_units == 0:
-        consumer.input_shared_units = state.shared_units * group
-        consumer.shared_kernel = np.zeros(consumer.kernel_prefix + (state.shared_units * group, 0))
-        consumer.cross_kernels = [
-            np.zeros(consumer.kernel_prefix + (kernel.shape[-2] - consumer.input_shared_units, 0))
-            for kernel in consumer.kernels
-        ]
+        align_inputs(consumer, state.shared_units * group)
     consumer.common_input = state.common_output
     return total_cost

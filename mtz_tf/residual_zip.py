@@ -84,8 +84,7 @@ def _hessian_index(state: stack.LayerState, channels: np.ndarray, mode: str) -> 
     """Rows/columns of the layer-input Hessian that input channels ``channels`` occupy (in
     that order), the bias row last."""
     if state.kind == "Dense":
-        rows = (channels[:, None] * state.input_group + np.arange(state.input_group)).ravel()
-        size = state.kernels[0].shape[-2]
+        rows, size = _row_index(state, channels), state.kernels[0].shape[-2]
     elif mode == "channel":
         rows, size = channels, state.kernels[0].shape[-2]
     else:
@@ -132,15 +131,6 @@ def original_hessians(plans, models, states, calibration, mode) -> list:
     return [list(h) for h in zip(*per_task)]
 
 
-def _pair_costs(w_group, w_t, h_group, h_t, config, rng) -> np.ndarray:
-    if config["criterion"] == "random":
-        return rng.random((w_group.shape[-1], w_t.shape[-1]))
-    if config["criterion"] == "euclidean":
-        eye = np.eye(h_group.shape[0])
-        return cost.merge_costs(w_group, w_t, eye, eye, config["damping"]).numpy()
-    return cost.merge_costs(w_group, w_t, h_group, h_t, config["damping"]).numpy()
-
-
 def provisional_alignment(top: _Topology, states, hessians, config, rng) -> dict:
     """Full matchings of every group on the input models (module docstring).
 
@@ -158,7 +148,7 @@ def provisional_alignment(top: _Topology, states, hessians, config, rng) -> dict
                 for w in members:
                     view = _aligned_view(states[w], hessians[w], top.source[w], aligned, t, mode)
                     if view is not None:
-                        costs = costs + _pair_costs(*view, config, rng)
+                        costs = costs + layer_zip.pair_costs(*view, config, rng)
                 if np.isscalar(costs):  # no writer has aligned inputs yet: keep index order
                     n = min(states[members[0]].units[0], states[members[0]].units[t])
                     pairs.append((np.arange(n), np.arange(n)))
@@ -190,7 +180,7 @@ def _aligned_view(state, hessians, source, aligned, t, mode):
     return w[0], w[1], h[0], h[1]
 
 
-def _current_view(state, mode):
+def _current_layouts(state, mode):
     """Each task's layout of its own neurons on the shared inputs."""
     return [layer_zip.cost_layout(state, k, b, mode) for k, b in zip(state.kernels, state.biases)]
 
@@ -211,27 +201,23 @@ def decide_group(g, top, states, current, provisional, original, config, rng) ->
     num_tasks = len(states[top.groups[g][0]].kernels)
     if k == 0:
         return [np.zeros(0, dtype=np.int64)] * num_tasks
-    views = {}
-    for w in top.groups[g]:
-        if w in current:
-            weights = _current_view(states[w], mode)
-            views[w] = (weights, list(current[w]))
-        else:
-            views[w] = None
-    group = {w: (v[0][0], v[1][0]) for w, v in views.items() if v is not None}
+    layouts = {w: _current_layouts(states[w], mode) for w in current}
+    group = {w: (layouts[w][0], current[w][0]) for w in current}  # (weights, Σ H) so far
     picked = [None] * num_tasks
     for t in range(1, num_tasks):
         costs = 0.0
         for w in top.groups[g]:
-            if views[w] is not None:
+            if w in current:
                 w_g, h_g = group[w]
-                costs = costs + _pair_costs(w_g, views[w][0][t], h_g, views[w][1][t], config, rng)
+                costs = costs + layer_zip.pair_costs(
+                    w_g, layouts[w][t], h_g, current[w][t], config, rng
+                )
             elif provisional is not None:
                 view = _aligned_view(states[w], original[w], top.source[w], provisional, t, mode)
                 w_0, w_t, h_0, h_t = view
                 if t > 1:  # task 0's matched neurons stand in for the group
                     w_0 = w_0[..., picked[0]]
-                costs = costs + _pair_costs(w_0, w_t, h_0, h_t, config, rng)
+                costs = costs + layer_zip.pair_costs(w_0, w_t, h_0, h_t, config, rng)
         seeding = t == 1
         rows, cols = matching_lib.match(costs, k if seeding else costs.shape[0], config["matching"])
         if seeding:
@@ -241,11 +227,9 @@ def decide_group(g, top, states, current, provisional, original, config, rng) ->
             rows, cols = rows[order], cols[order]
         picked[t] = cols
         for w, (w_g, h_g) in group.items():
-            w_g = w_g[..., rows] if seeding else w_g
-            pair = [w_g, views[w][0][t][..., cols]]
-            h_pair = [h_g, views[w][1][t]]
-            merged = cost.merged_weights(pair, h_pair, config["damping"]).numpy()
-            group[w] = (merged, h_g + views[w][1][t])
+            pair = [w_g[..., rows] if seeding else w_g, layouts[w][t][..., cols]]
+            merged = cost.merged_weights(pair, [h_g, current[w][t]], config["damping"]).numpy()
+            group[w] = (merged, h_g + current[w][t])
     return picked
 
 
@@ -267,14 +251,7 @@ def permute_group(g, top, states, picked) -> None:
             reader = states[r]
             reader.kernels[t] = reader.kernels[t][..., _row_index(reader, order), :]
     for r in top.readers[g]:
-        reader = states[r]
-        reader.input_shared_units = k * reader.input_group
-        prefix = reader.kernel_prefix
-        reader.shared_kernel = np.zeros(prefix + (reader.input_shared_units, 0))
-        reader.cross_kernels = [
-            np.zeros(prefix + (kernel.shape[-2] - reader.input_shared_units, 0))
-            for kernel in reader.kernels
-        ]
+        layer_zip.align_inputs(states[r], k * states[r].input_group)
 
 
 def tie_unit(state: stack.LayerState, k: int, hessians, config) -> float:

@@ -10,6 +10,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mtz_tf import stack
+from mtz_tf.report import LayerReport
+
 
 @dataclasses.dataclass
 class Retrain:
@@ -143,9 +146,6 @@ def after_layer(
         ``(layer_report, next_step)``: the layer's :class:`~mtz_tf.report.LayerReport` and
         the retraining stream position for the next layer.
     """
-    from mtz_tf import stack  # Lazy: stack builds models, retrain only trains them.
-    from mtz_tf.report import LayerReport
-
     count = len(plan.hidden_units)
     layer_report = LayerReport(
         name=plan.hidden_units[index].name,
