@@ -93,7 +93,8 @@ def different_task_experiment(
     Per fraction f, every hidden layer shares round(f · width) neurons (MTZ greedy,
     per-task BatchNorm), once without retraining and once with ``steps_per_layer`` joint
     Adam steps after each layer. Accuracy is measured on each group's test split; the
-    retraining is monitored on the validation splits only.
+    models were selected on the validation splits; nothing here looks at the test splits
+    except the final measurement.
     """
     splits = task_splits(groups, data_dir)
     tasks = list(splits)
@@ -118,7 +119,6 @@ def different_task_experiment(
         for i, t in enumerate(tasks)
     }
     test_sets = {t: data.to_dataset(*splits[t]["test"], batch_size=500) for t in tasks}
-    validation = {t: data.to_dataset(*splits[t]["validation"], batch_size=500) for t in tasks}
     separate = {t: training.accuracy(m, *splits[t]["test"]) for t, m in originals.items()}
     separate_params = sum(m.count_params() for m in originals.values())
     separate_macs = sum(flops.count_flops(m) for m in originals.values())
@@ -154,7 +154,6 @@ def different_task_experiment(
                 share=share,
                 hessian=hessian,
                 retrain=retrain,
-                evaluation=validation,
                 verbose=1,
             )
             rows.append(
@@ -162,10 +161,6 @@ def different_task_experiment(
                     "share": share,
                     "retrained": retrained,
                     "test_accuracy": mtz_tf.retrain.task_accuracies(zipped, test_sets),
-                    "validation_accuracy": (
-                        report.layers[-1].accuracy_after_retraining
-                        or report.layers[-1].accuracy_before_retraining
-                    ),
                     "parameters": report.parameters["total"],
                     "shared_parameter_fraction": mtz_tf.shared_fraction(zipped),
                     "macs": stack.multiply_accumulates(zipped),
