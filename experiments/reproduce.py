@@ -54,7 +54,12 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("residual_max_epochs", 2, "resnet20_*: epoch limit when training.")
 flags.DEFINE_integer("residual_calibration_size", 256, "resnet20_*: calibration samples per task.")
 flags.DEFINE_integer(
-    "residual_steps_per_layer", 2, "resnet20_*: joint retraining iterations per hidden layer."
+    "residual_retrain_steps", 14, "resnet20_*: joint retraining iterations per retraining."
+)
+flags.DEFINE_integer(
+    "residual_retrain_every",
+    7,
+    "resnet20_*: retrain after every this many zipped hidden layers (and after the last).",
 )
 flags.DEFINE_integer("residual_batch_size", 64, "resnet20_*: retraining samples per task per step.")
 flags.DEFINE_list(
@@ -324,7 +329,8 @@ def residual_experiment() -> None:
         train_size=FLAGS.residual_train_size,
         max_epochs=FLAGS.residual_max_epochs,
         calibration_size=FLAGS.residual_calibration_size,
-        steps_per_layer=FLAGS.residual_steps_per_layer,
+        retrain_steps=FLAGS.residual_retrain_steps,
+        retrain_every=FLAGS.residual_retrain_every,
         retrain_batch_size=FLAGS.residual_batch_size,
         learning_rate=FLAGS.retrain_learning_rate,
         hessian=FLAGS.residual_hessian,
