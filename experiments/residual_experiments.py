@@ -94,9 +94,9 @@ def different_task_experiment(
     Per fraction f, every hidden layer shares round(f · width) neurons (MTZ greedy,
     per-task BatchNorm), once without retraining and once with ``retrain_steps`` joint Adam
     steps after every ``retrain_every`` zipped layers and after the last (each retraining
-    builds and compiles a joint trainer, the dominant cost on a CPU). Accuracy is measured on each group's test split; the
-    models were selected on the validation splits; nothing here looks at the test splits
-    except the final measurement.
+    builds and compiles a joint trainer, the dominant cost on a CPU). Accuracy is measured
+    on each group's test split; the models were selected on the validation splits; nothing
+    here looks at the test splits except the final measurement.
     """
     splits = task_splits(groups, data_dir)
     tasks = list(splits)
