@@ -63,10 +63,11 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("residual_batch_size", 64, "resnet20_*: retraining samples per task per step.")
 flags.DEFINE_list(
-    "residual_shares",
+    "residual_parameter_targets",
     None,
-    "resnet20_*: fractions of every hidden layer's neurons to share (default: 0.25,0.5,0.75,1.0 "
-    "for resnet20_split, 0.5,1.0 for resnet20_three).",
+    "resnet20_*: target fractions of the parameters to share; each hidden layer shares the "
+    "square root of the target of its neurons (default: 0.25,0.5,0.75,1.0 for resnet20_split, "
+    "1.0 for resnet20_three).",
 )
 flags.DEFINE_enum("residual_hessian", "channel", ["channel", "patch"], "resnet20_*: conv Hessian.")
 
@@ -315,15 +316,15 @@ def markdown(record: dict, title: str) -> str:
 
 def residual_experiment() -> None:
     """resnet20_split (two label halves, width x2, five shared fractions) or resnet20_three
-    (three label groups, width x1, half and full sharing); writes JSON, Markdown, PNG."""
+    (three label groups, width x1, full sharing); writes JSON, Markdown, PNG."""
     split = FLAGS.experiment == "resnet20_split"
     groups = rx.SPLIT_GROUPS if split else rx.THREE_GROUPS
     record = rx.different_task_experiment(
         groups,
         width=2.0 if split else 1.0,
-        shares=[float(f) for f in FLAGS.residual_shares]
-        if FLAGS.residual_shares
-        else ((0.25, 0.5, 0.75, 1.0) if split else (0.5, 1.0)),
+        parameter_targets=[float(f) for f in FLAGS.residual_parameter_targets]
+        if FLAGS.residual_parameter_targets
+        else ((0.25, 0.5, 0.75, 1.0) if split else (1.0,)),
         model_dir=FLAGS.model_dir,
         data_dir=FLAGS.data_dir,
         train_size=FLAGS.residual_train_size,

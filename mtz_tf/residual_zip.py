@@ -233,12 +233,97 @@ def decide_group(g, top, states, current, provisional, original, config, rng) ->
     return picked
 
 
-def permute_group(g, top, states, picked) -> None:
+def decide_newcomer(g, top, states, current, pair_states, provisional, original, config, rng):
+    """Chooses which neurons of a task joining a zipped network (the last task) tie to
+    group ``g``'s k shared neurons, from the summed costs of the group's writers.
+
+    A writer whose input is aligned for the newcomer costs the shared weights (Hessian
+    Σ H_t of the tasks using them) against the newcomer's neurons in the current network;
+    the others use the provisional alignment of ``pair_states`` (the first zipped task's
+    view, standing in for the group, and the newcomer's input model).
+
+    Returns:
+        The newcomer's k matched neuron indices, in the shared neurons' order.
+    """
+    mode, k = config["hessian"], top.shares[g]
+    newcomer = len(states[top.groups[g][0]].kernels) - 1
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    costs = 0.0
+    for w in top.groups[g]:
+        state = states[w]
+        if w in current:
+            members = [t for t, s in enumerate(state.sharing) if s and t != newcomer]
+            w_group = layer_zip.cost_layout(state, state.shared_kernel, state.shared_bias, mode)
+            w_new = layer_zip.cost_layout(
+                state, state.kernels[newcomer], state.biases[newcomer], mode
+            )
+            h_group = tf.add_n([current[w][t] for t in members])
+            costs = costs + layer_zip.pair_costs(
+                w_group, w_new, h_group, current[w][newcomer], config, rng
+            )
+        elif provisional is not None:
+            w_0, w_new, h_0, h_new = _aligned_view(
+                pair_states[w], original[w], top.source[w], provisional, 1, mode
+            )
+            costs = costs + layer_zip.pair_costs(w_0[..., :k], w_new, h_0, h_new, config, rng)
+    rows, cols = matching_lib.match(costs, k, config["matching"])
+    return cols[np.argsort(rows)]
+
+
+def task_view(state: stack.LayerState, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """Task t's whole (kernel, bias) in a zipped unit: outputs [shared; own], inputs in the
+    order of the tensor the task feeds it ([shared; own] channels)."""
+    if not (state.sharing[t] and state.shared_units):
+        return state.kernels[t], state.biases[t]
+    shared = np.concatenate([state.shared_kernel, state.cross_kernels[t]], axis=-2)
+    return (
+        np.concatenate([shared, state.kernels[t]], axis=-1),
+        np.concatenate([state.shared_bias, state.biases[t]]),
+    )
+
+
+def _newcomer_alignment(plan, zipped, old_task, task, model, newcomer, top, calibration, config):
+    """The provisional alignment of a joining task's input model with the first zipped
+    task's view, on their own Hessians; returns (pair_states, original, provisional)."""
+    mode = config["hessian"]
+    hidden = len(plan.hidden_units)
+    zipped_states = stack.read_states(zipped, plan)[:hidden]
+    pair_states = []
+    for state, own in zip(zipped_states, newcomer):
+        kernel, bias = task_view(state, 0)
+        pair_states.append(
+            dataclasses.replace(
+                own,
+                kernels=[kernel, own.kernels[0]],
+                biases=[bias, own.biases[0]],
+                norms=[],
+                sharing=[False, False],
+            )
+        )
+    whole_inputs = [_full(dataclasses.replace(s, kernels=s.kernels[:1])) for s in zipped_states]
+    view_hessians = layer_zip.layers_hessians(
+        zipped,
+        stack.zipped_layers(zipped)[:hidden],
+        whole_inputs,
+        {old_task: calibration[old_task]},
+        mode,
+    )
+    own_hessians = original_hessians(
+        {task: plan}, {task: model}, newcomer, {task: calibration[task]}, mode
+    )
+    original = [[v[0].numpy(), o[0]] for v, o in zip(view_hessians, own_hessians)]
+    rng = np.random.default_rng([config["seed"], 7])
+    return pair_states, original, provisional_alignment(top, pair_states, original, config, rng)
+
+
+def permute_group(g, top, states, picked: dict, align: bool = True) -> None:
     """Puts every writer's neurons and every reader's input rows of group ``g`` in the order
-    [matched, in pair order; the rest in original order], per task; readers then take the
-    first k channels as aligned inputs."""
+    [matched, in pair order; the rest in original order] for each task t of ``picked``
+    ({t: its matched neurons}); readers then take the first k channels as aligned inputs
+    (``align``; a task joining a zipped model finds them aligned already)."""
     k = top.shares[g]
-    for t, chosen in enumerate(picked):
+    for t, chosen in picked.items():
         n = states[top.groups[g][0]].kernels[t].shape[-1]
         order = np.concatenate([chosen, np.setdiff1d(np.arange(n), chosen)])
         for w in top.groups[g]:
@@ -250,30 +335,46 @@ def permute_group(g, top, states, picked) -> None:
         for r in top.readers[g]:
             reader = states[r]
             reader.kernels[t] = reader.kernels[t][..., _row_index(reader, order), :]
-    for r in top.readers[g]:
+    for r in top.readers[g] if align else ():
         layer_zip.align_inputs(states[r], k * states[r].input_group)
 
 
-def tie_unit(state: stack.LayerState, k: int, hessians, config) -> float:
-    """Ties the first k neurons of every task into k shared ones, in place; returns the
-    summed cost ½ Σ_t (w_t − w̃)ᵀ H_t (w_t − w̃) (true Hessians whatever the merge)."""
+def tie_unit(state: stack.LayerState, k: int, hessians, config, joining=None) -> float:
+    """Ties the first k neurons of every task in ``joining`` (default: all) into k shared
+    ones, in place; returns the summed cost ½ Σ_t (w_t − w̃)ᵀ H_t (w_t − w̃) (true Hessians
+    whatever the merge).
+
+    If the unit shares neurons already (tasks joining a zipped model), its shared neurons
+    enter the merge as one member with the summed Hessian Σ H_t of the tasks using them.
+    """
     mode, damping = config["hessian"], config["damping"]
+    joining = list(range(len(state.kernels)) if joining is None else joining)
     if k == 0:
         return 0.0
     layouts = [
-        layer_zip.cost_layout(state, kernel, bias, mode)[..., :k]
-        for kernel, bias in zip(state.kernels, state.biases)
+        layer_zip.cost_layout(state, state.kernels[t], state.biases[t], mode)[..., :k]
+        for t in joining
     ]
+    weights, sizes = [hessians[t] for t in joining], [1] * len(joining)
+    if state.shared_units:
+        members = [t for t, s in enumerate(state.sharing) if s and t not in joining]
+        layouts.insert(
+            0, layer_zip.cost_layout(state, state.shared_kernel, state.shared_bias, mode)
+        )
+        weights.insert(0, tf.add_n([hessians[t] for t in members]))
+        sizes.insert(0, len(members))
     if config["merge"] == "hessian":
-        merged = cost.merged_weights(layouts, hessians, damping).numpy()
+        merged = cost.merged_weights(layouts, weights, damping).numpy()
     else:
-        merged = np.mean(layouts, axis=0)
-    total = float(tf.reduce_sum(cost.deviation_costs(layouts, hessians, merged, damping)))
+        merged = np.average(layouts, axis=0, weights=sizes)
+    total = float(tf.reduce_sum(cost.deviation_costs(layouts, weights, merged, damping)))
     k_in = state.input_shared_units
-    state.cross_kernels = [kernel[..., k_in:, :k] for kernel in state.kernels]
+    for t in joining:
+        state.cross_kernels[t] = state.kernels[t][..., k_in:, :k]
+        state.kernels[t] = state.kernels[t][..., k:]
+        state.biases[t] = state.biases[t][k:]
+        state.sharing[t] = True
     state.shared_kernel, state.shared_bias = layer_zip.unpack_merged(state, merged, mode)
-    state.kernels = [kernel[..., k:] for kernel in state.kernels]
-    state.biases = [bias[k:] for bias in state.biases]
     state.shared_units = k
     return total
 
@@ -343,7 +444,7 @@ def zip_graph(
         timings["hessians"] = time.time() - began
         if g not in decided:
             picked = decide_group(g, top, states, current, provisional, original, config, rng)
-            permute_group(g, top, states, picked)
+            permute_group(g, top, states, dict(enumerate(picked)))
             decided.add(g)
         timings["costs_matching"] = time.time() - began - sum(timings.values())
         merge_cost = tie_unit(states[u], top.shares[g], current[u], config)
@@ -366,3 +467,89 @@ def zip_graph(
         )
         report.layers.append(layer_report)
     return model
+
+
+def join_graph(
+    plan,
+    zipped,
+    task,
+    model,
+    task_names,
+    states,
+    newcomer,
+    calibration,
+    config,
+    retrain,
+    evaluation,
+    report,
+    verbose,
+) -> keras.Model:
+    """Zips one more task into a zipped residual network; returns the new model.
+
+    ``states`` are the zipped network's with the newcomer appended as the last task
+    (unshared, :func:`mtz_tf.zipper.add_task`), ``newcomer`` its own separate states. Each
+    stream keeps its shared count; its matching for the newcomer is chosen from the summed
+    writer costs (:func:`decide_newcomer`, provisional alignment against the first zipped
+    task's view for the writers whose inputs are not aligned yet), and each writer's shared
+    weights become the merge of the group (Σ H_t of its tasks) with the newcomer's matched
+    neurons. The other tasks' own neurons are not touched.
+    """
+    hidden = plan.hidden_units
+    top = topology(plan, [state.shared_units for state in states[: len(hidden)]])
+    new = len(task_names) - 1
+    rng = np.random.default_rng([config["seed"], 7])
+    began = time.time()
+    pair_states = original = provisional = None
+    if any(len(members) > 1 for members in top.groups):
+        pair_states, original, provisional = _newcomer_alignment(
+            plan, zipped, task_names[0], task, model, newcomer, top, calibration, config
+        )
+    report.alignment_seconds = time.time() - began
+    report.coupled_groups = [
+        [plan.units[w].name for w in members] for members in top.groups if len(members) > 1
+    ]
+    decided, retrain_offset = set(), 0
+    propagate_common(plan, states)
+    joined = stack.build_model(plan, task_names, states)
+    for u in range(len(hidden)):
+        began = time.time()
+        g = top.group_of[u]
+        writers = top.groups[g] if g not in decided else (u,)
+        aligned = [w for w in writers if top.source[w] is None or top.source[w] in decided]
+        layers = stack.zipped_layers(joined)
+        hessians = layer_zip.layers_hessians(
+            joined,
+            [layers[w] for w in aligned],
+            [states[w] for w in aligned],
+            calibration,
+            config["hessian"],
+        )
+        current = dict(zip(aligned, hessians))
+        timings = {"hessians": time.time() - began}
+        if g not in decided:
+            picked = decide_newcomer(
+                g, top, states, current, pair_states, provisional, original, config, rng
+            )
+            permute_group(g, top, states, {new: picked}, align=False)
+            decided.add(g)
+        timings["costs_matching"] = time.time() - began - sum(timings.values())
+        merge_cost = tie_unit(states[u], top.shares[g], current[u], config, joining=[new])
+        propagate_common(plan, states)
+        timings["merge"] = time.time() - began - sum(timings.values())
+        joined = stack.build_model(plan, task_names, states)
+        timings["rebuild"] = time.time() - began - sum(timings.values())
+        layer_report, retrain_offset = after_layer(
+            joined,
+            plan,
+            states,
+            u,
+            merge_cost,
+            retrain,
+            evaluation,
+            retrain_offset,
+            began,
+            timings,
+            verbose,
+        )
+        report.layers.append(layer_report)
+    return joined

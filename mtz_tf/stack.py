@@ -321,23 +321,35 @@ def parameter_counts(model: keras.Model) -> dict[str, int]:
 def task_model(zipped: keras.Model, task: str) -> keras.Model:
     """A plain Keras model computing only ``task``'s output of a zipped model.
 
-    Each zipped layer becomes the ordinary layer(s) holding the task's view of its weights
-    (shared units first); other layers are copied from their configs. The result computes
-    exactly ``zipped(x)[task]`` and nothing for the other tasks.
+    The zipped model's graph is followed back from the task's output (residual Adds and
+    Concatenates included): each zipped layer becomes the ordinary layer(s) holding the
+    task's view of its weights (shared units first), every other layer a copy from its
+    config. The result computes exactly ``zipped(x)[task]`` and nothing for the other tasks.
     """
     tasks = list(zipped.output)
     if task not in tasks:
-        raise ValueError(f"Unknown task {task!r}; the zipped model has tasks {tasks}.")
-    x = inputs = keras.Input(shape=zipped.input.shape[1:], name="input")
-    for layer in zipped.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        if isinstance(layer, _ZippedLayer):
-            for plain in layer.task_layers(task):
-                x = plain(x)
-        else:
-            x = layer.__class__.from_config(layer.get_config())(x)
-    return keras.Model(inputs, x, name=f"{zipped.name}_{task}")
+        raise ValueError(f"Unknown task {task!r}; the zipped model has {tasks}.")
+    t = tasks.index(task)
+    inputs = keras.Input(shape=zipped.input.shape[1:], name="input")
+    rebuilt = {id(zipped.input): inputs}
+
+    def rebuild(tensor):
+        """The task model's tensor for one of the zipped model's (memoised)."""
+        if id(tensor) not in rebuilt:
+            layer, node_index, _ = tensor._keras_history
+            node = layer._inbound_nodes[node_index]
+            if isinstance(layer, _ZippedLayer):
+                x = node.arguments.args[0]
+                x = rebuild(x[t] if isinstance(x, (list, tuple)) else x)
+                for plain in layer.task_layers(task):
+                    x = plain(x)
+            else:
+                args = keras.tree.map_structure(rebuild, node.arguments.args)
+                x = layer.__class__.from_config(layer.get_config())(*args)
+            rebuilt[id(tensor)] = x
+        return rebuilt[id(tensor)]
+
+    return keras.Model(inputs, rebuild(zipped.output[task]), name=f"{zipped.name}_{task}")
 
 
 def multi_head_model(zipped: keras.Model) -> keras.Model:

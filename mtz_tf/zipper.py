@@ -492,7 +492,9 @@ def add_task(
     many as there are) with the group Hessian Σ H_t of the tasks already sharing them, and
     the shared weights become the (T+1)-way Hessian-weighted merge; the new task's other
     neurons stay its own. The other tasks' own neurons are untouched (their outputs change
-    only through the updated shared weights, and through retraining if given).
+    only through the updated shared weights, and through retraining if given). In a
+    residual network every stream keeps one matching for all its writers, chosen from
+    their summed costs (:func:`mtz_tf.residual_zip.join_graph`).
 
     Args:
         zipped: a model returned by :func:`zip_models` (or loaded from its ``.keras``).
@@ -519,11 +521,6 @@ def add_task(
             f"Received: {task!r}"
         )
     plan = graph.read_plan(model)
-    if not plan.is_chain:
-        raise ValueError(
-            f"Model {model.name!r} has Add/Concatenate layers; adding a task to a zipped "
-            "residual network is not supported yet. Zip all models at once with zip_models."
-        )
     zipped_layers = stack.zipped_layers(zipped)
     if len(zipped_layers) != len(plan.units) or any(
         (layer.__class__.__name__ != "Zipped" + unit.kind)
@@ -569,22 +566,38 @@ def add_task(
         seed=0,
     )
     report = ZipReport(tasks=task_names, matching=matching)
-    shares = [state.shared_units for state in states[:-1]]
-    result = _zip_layers(
-        plan,
-        task_names,
-        states,
-        calibration,
-        shares,
-        config,
-        [len(old_tasks)],
-        report,
-        0,
-        retrain,
-        evaluation,
-        None,
-        verbose,
-    )
+    if plan.is_chain:
+        result = _zip_layers(
+            plan,
+            task_names,
+            states,
+            calibration,
+            [state.shared_units for state in states[:-1]],
+            config,
+            [len(old_tasks)],
+            report,
+            0,
+            retrain,
+            evaluation,
+            None,
+            verbose,
+        )
+    else:
+        result = residual_zip.join_graph(
+            plan,
+            zipped,
+            task,
+            model,
+            task_names,
+            states,
+            newcomer,
+            calibration,
+            config,
+            retrain,
+            evaluation,
+            report,
+            verbose,
+        )
     separate = sum(stack.task_model(zipped, t).count_params() for t in old_tasks)
     _finish(result, report, separate + model.count_params())
     return result, report

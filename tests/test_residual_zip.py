@@ -115,6 +115,59 @@ def test_partial_share_keeps_streams_consistent(resnet8, images):
     assert max_abs_diff(unshared(x)["b"], other(x)) < 1e-5
 
 
+def test_adding_a_permuted_copy_to_a_zipped_resnet_from_disk(resnet8, images, tmp_path):
+    x, calib = images
+    pair = {"a": resnet8, "b": models.permute_hidden(resnet8, 11)}
+    zipped, _ = mtz_tf.zip_models(pair, {t: calib for t in pair}, verbose=0)
+    path = str(tmp_path / "pair.keras")
+    zipped.save(path)
+    loaded = keras.saving.load_model(path)
+    before = [w.copy() for w in loaded.get_weights()]
+    third = models.permute_hidden(resnet8, 12)
+    joined, report = mtz_tf.add_task(loaded, "c", third, {t: calib for t in "abc"}, verbose=0)
+    # Every stream's matching recovers the newcomer's permutation: all three equal the base.
+    for task in "abc":
+        assert max_abs_diff(joined(x)[task], resnet8(x)) < 1e-5
+    assert all(layer.merge_cost < 1e-8 for layer in report.layers)
+    assert len(report.coupled_groups) == 3
+    assert all(np.array_equal(b, a) for b, a in zip(before, loaded.get_weights()))
+
+
+def test_adding_a_task_to_a_partially_zipped_resnet(resnet8, images):
+    x, calib = images
+    other = _with_batch_norm_statistics(
+        models.resnet20((28, 28, 1), 5, 0.25, seed=4, blocks_per_stage=1), 1
+    )
+    newcomer = _with_batch_norm_statistics(
+        models.resnet20((28, 28, 1), 5, 0.25, seed=5, blocks_per_stage=1), 3
+    )
+    pair, calibration = {"a": calib, "b": calib}, {t: calib for t in "abc"}
+    zipped, first = mtz_tf.zip_models({"a": resnet8, "b": other}, pair, share=0.5, verbose=0)
+    joined, report = mtz_tf.add_task(zipped, "c", newcomer, calibration, verbose=0)
+    assert [r.shared for r in report.layers] == [r.shared for r in first.layers]
+    old, new = mtz_tf.stack.zipped_layers(zipped), mtz_tf.stack.zipped_layers(joined)
+    for before, after in zip(old, new):
+        assert all(after.sharing)
+        for t in range(2):  # the zipped tasks' own neurons are untouched
+            np.testing.assert_array_equal(
+                before.task_kernels[t].numpy(), after.task_kernels[t].numpy()
+            )
+    # The stem reads the image: the newcomer's own filters are its unmatched ones, unchanged.
+    stem = newcomer.get_layer("stem_conv").kernel.numpy()
+    own = new[0].task_kernels[2].numpy()
+    assert own.shape[-1] == stem.shape[-1] - new[0].shared_kernel.shape[-1]
+    for j in range(own.shape[-1]):
+        assert min(np.abs(stem - own[..., j : j + 1]).max(axis=(0, 1, 2))) < 1e-6
+    outputs = joined(x)
+    assert max_abs_diff(outputs["a"], zipped(x)["a"]) > 1e-4  # the shared weights moved
+    assert np.all(np.isfinite(outputs["c"])) and outputs["c"].shape == (128, 5)
+    # Nothing shared: the newcomer sits beside the others with its own outputs.
+    unshared, _ = mtz_tf.zip_models({"a": resnet8, "b": other}, pair, share=0.0, verbose=0)
+    side_by_side, _ = mtz_tf.add_task(unshared, "c", newcomer, calibration, verbose=0)
+    assert max_abs_diff(side_by_side(x)["c"], newcomer(x)) < 1e-5
+    assert max_abs_diff(side_by_side(x)["a"], resnet8(x)) < 1e-5
+
+
 def _two_writer_model(a_kernel, b_kernel, name):
     inputs = keras.Input((3,))
     a = keras.layers.Dense(2, name="a")(inputs)
@@ -151,8 +204,6 @@ def test_residual_bad_input(resnet, images, zipped_pair):
         mtz_tf.zip_models(pair, calibration, share={"stem_conv": 2}, verbose=0)
     with pytest.raises(ValueError, match="no `checkpoint_dir` yet"):
         mtz_tf.zip_models(pair, calibration, checkpoint_dir="/tmp/never", verbose=0)
-    with pytest.raises(ValueError, match="residual network is not supported"):
-        mtz_tf.add_task(zipped, "c", resnet, dict(calibration, c=calib))
     inputs = keras.Input((8, 8, 1))
     a = keras.layers.Conv2D(2, 3, padding="same", name="a")(inputs)
     b = keras.layers.Conv2D(2, 3, padding="same", name="b")(inputs)
