@@ -8,11 +8,16 @@ inputs are not shared yet from looking free (it enables the savings downstream).
 Taking pairs cheapest-first *per saved parameter* across layers means sharing, in every
 layer, the greedy-order pairs with c / s_l <= λ for one global threshold λ. A pass zips the
 layers in order without retraining, so each layer's costs are those of the network zipped
-so far, and picks k_l by that rule; λ is then found by bisection so that the target is met:
+so far, and picks k_l by that rule; λ is then found by bisection on log λ so that the
+target is met:
 
 * ``parameters=f``: the fraction of every task's parameters that are shared,
   Σ_t shared_t / Σ_t params_t, reaches at least f (as close as the λ grid allows);
 * ``cost=b``: the summed merge cost over all layers stays at most b.
+
+In a residual network the layers writing into one stream share one count: a stream's pairs
+are ranked by their summed writer costs per parameter saved over all its writers, and the
+pass zips the network as :mod:`mtz_tf.residual_zip` does.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import dataclasses
 
 import numpy as np
 
-from mtz_tf import cost, layer_zip, matching, stack
+from mtz_tf import cost, layer_zip, matching, residual_zip, stack
+from mtz_tf.report import ZipReport
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +38,7 @@ class ShareBudget:
         parameters: float in [0, 1] or None, the fraction of every task's parameters to
             share.
         cost: float >= 0 or None, the largest total merge cost ΔE to accept.
-        steps: int, bisection steps on the threshold λ.
+        steps: int, bisection steps on log10 λ over ``LOG_THRESHOLD_RANGE``.
     """
 
     parameters: float | None = None
@@ -51,6 +57,10 @@ class ShareBudget:
             raise ValueError(f"`cost` must be non-negative. Received: {self.cost}")
 
 
+LOG_THRESHOLD_RANGE = (-12.0, 12.0)
+"""The interval of log10 λ searched by :func:`allocate`."""
+
+
 def shared_fraction(model) -> float:
     """Σ_t (shared parameters task t uses) / Σ_t (parameters of task t's view)."""
     shared_total = uses = 0
@@ -61,11 +71,6 @@ def shared_fraction(model) -> float:
         uses += specific
     denominator = shared_total + uses
     return shared_total / denominator if denominator else 0.0
-
-
-def _saving_per_pair(state: stack.LayerState, num_tasks: int) -> float:
-    positions = int(np.prod(state.kernel_prefix)) if state.kernel_prefix else 1
-    return (num_tasks - 1) * (positions * min(state.input_units) + int(state.use_bias))
 
 
 def _threshold_pass(plan, task_names, states, calibration, config, widths, lam):
@@ -85,7 +90,9 @@ def _threshold_pass(plan, task_names, states, calibration, config, widths, lam):
             layout[0], layout[1], hessians[0], hessians[1], config["damping"]
         ).numpy()
         rows, cols = matching.greedy(costs, widths[index])
-        k = int(np.sum(costs[rows, cols] / _saving_per_pair(state, len(task_names)) <= lam))
+        k = int(
+            np.sum(costs[rows, cols] / layer_zip.saving_per_pair(state, len(task_names)) <= lam)
+        )
         total_cost += layer_zip.zip_layer(
             state,
             states[index + 1],
@@ -100,6 +107,30 @@ def _threshold_pass(plan, task_names, states, calibration, config, widths, lam):
     return counts, total_cost, shared_fraction(model)
 
 
+def _residual_threshold_pass(plans, models, states, calibration, config, widths, lam):
+    """:func:`_threshold_pass` for a residual network: one count per residual stream, from
+    the stream's summed writer costs per parameter saved by all its writers."""
+    task_names = list(models)
+    report = ZipReport(tasks=task_names, matching=config["matching"])
+    model = residual_zip.zip_graph(
+        plans[task_names[0]],
+        plans,
+        models,
+        task_names,
+        states,
+        calibration,
+        list(widths),
+        config,
+        None,
+        None,
+        report,
+        0,
+        threshold=lam,
+    )
+    counts = [state.shared_units for state in states[: len(widths)]]
+    return counts, sum(layer.merge_cost for layer in report.layers), shared_fraction(model)
+
+
 def allocate(plans, models, calibration, budget: ShareBudget, config, batch_norm, widths):
     """Per-layer shared counts meeting ``budget`` (module docstring); returns (counts, info).
 
@@ -112,30 +143,31 @@ def allocate(plans, models, calibration, budget: ShareBudget, config, batch_norm
 
     def run(lam):
         states = stack.separate_states(plans, models, batch_norm)
-        return _threshold_pass(plan, task_names, states, calibration, config, widths, lam)
+        if plan.is_chain:
+            return _threshold_pass(plan, task_names, states, calibration, config, widths, lam)
+        return _residual_threshold_pass(plans, models, states, calibration, config, widths, lam)
 
     def meets(result):
         _, total, fraction = result
         return fraction >= budget.parameters if by_parameters else total <= budget.cost
 
-    high = 1.0
-    result = run(high)
-    # Grow λ until the parameter target is met / the cost budget is exceeded, or all shared.
-    while result[0] != list(widths) and meets(result) != by_parameters:
-        high *= 10.0
-        result = run(high)
-    low = 0.0
+    # Bisection on log10 λ: merge costs per saved parameter span many decades, and their
+    # scale depends on the data, so a linear search would miss small ones.
+    low, high = LOG_THRESHOLD_RANGE
+    top = run(10.0**high)
     if by_parameters:
-        best = (high, result)
-    elif meets(result):  # everything shared stays within the cost budget: nothing to search
-        best, low = (high, result), high
+        best = (10.0**high, top)
+        if not meets(top):  # even sharing (nearly) everything misses it: nothing to search
+            low = high
+    elif meets(top):  # everything shared stays within the cost budget: nothing to search
+        best, low = (10.0**high, top), high
     else:
         best = (0.0, run(0.0))
     for _ in range(budget.steps if low < high else 0):
         middle = 0.5 * (low + high)
-        result = run(middle)
+        result = run(10.0**middle)
         if meets(result):
-            best = (middle, result)
+            best = (10.0**middle, result)
             high, low = (middle, low) if by_parameters else (high, middle)
         else:
             high, low = (high, middle) if by_parameters else (middle, low)

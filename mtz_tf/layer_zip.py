@@ -153,6 +153,13 @@ def pair_costs(w_group, w_t, h_group, h_t, config: dict, rng: np.random.Generato
     return cost.merge_costs(w_group, w_t, h_group, h_t, config["damping"]).numpy()
 
 
+def saving_per_pair(state: LayerState, num_tasks: int) -> int:
+    """Parameters saved by sharing one more neuron of this layer across ``num_tasks``
+    tasks, counted on the full fan-in (:mod:`mtz_tf.allocation`): (T − 1)·(P·d_in + 1)."""
+    positions = int(np.prod(state.kernel_prefix)) if state.kernel_prefix else 1
+    return (num_tasks - 1) * (positions * min(state.input_units) + int(state.use_bias))
+
+
 def align_inputs(state: LayerState, k_in: int) -> None:
     """Marks the first ``k_in`` input rows of a layer with no shared neurons yet as aligned
     across tasks (shared inputs), with empty shared and cross kernels to match."""

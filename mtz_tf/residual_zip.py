@@ -185,7 +185,9 @@ def _current_layouts(state, mode):
     return [layer_zip.cost_layout(state, k, b, mode) for k, b in zip(state.kernels, state.biases)]
 
 
-def decide_group(g, top, states, current, provisional, original, config, rng) -> list:
+def decide_group(
+    g, top, states, current, provisional, original, config, rng, threshold=None
+) -> list:
     """Chooses group ``g``'s matching from the summed costs of its writers.
 
     ``current`` maps each writer whose input is aligned in the zipped network to its
@@ -194,12 +196,16 @@ def decide_group(g, top, states, current, provisional, original, config, rng) ->
     task ties k of its neurons to the k of the group (its weights the Hessian-weighted
     merge of its members, its Hessian Σ H_t).
 
+    With a ``threshold`` λ (:mod:`mtz_tf.allocation`) the group's k is chosen here and
+    stored in ``top.shares``: the greedy-order pairs of tasks 0 and 1 whose summed cost per
+    saved parameter (saved over all the group's writers) is at most λ.
+
     Returns:
         Per task, the indices of its k matched neurons in pair order.
     """
     mode, k = config["hessian"], top.shares[g]
     num_tasks = len(states[top.groups[g][0]].kernels)
-    if k == 0:
+    if k == 0 and threshold is None:
         return [np.zeros(0, dtype=np.int64)] * num_tasks
     layouts = {w: _current_layouts(states[w], mode) for w in current}
     group = {w: (layouts[w][0], current[w][0]) for w in current}  # (weights, Σ H) so far
@@ -219,6 +225,12 @@ def decide_group(g, top, states, current, provisional, original, config, rng) ->
                     w_0 = w_0[..., picked[0]]
                 costs = costs + layer_zip.pair_costs(w_0, w_t, h_0, h_t, config, rng)
         seeding = t == 1
+        if seeding and threshold is not None:
+            k = top.shares[g] = _threshold_count(
+                costs, [states[w] for w in top.groups[g]], threshold
+            )
+            if k == 0:
+                return [np.zeros(0, dtype=np.int64)] * num_tasks
         rows, cols = matching_lib.match(costs, k if seeding else costs.shape[0], config["matching"])
         if seeding:
             picked[0] = rows
@@ -231,6 +243,13 @@ def decide_group(g, top, states, current, provisional, original, config, rng) ->
             merged = cost.merged_weights(pair, [h_g, current[w][t]], config["damping"]).numpy()
             group[w] = (merged, h_g + current[w][t])
     return picked
+
+
+def _threshold_count(costs: np.ndarray, writers: list, threshold: float) -> int:
+    """Greedy-order pairs whose cost per saved parameter is at most ``threshold``."""
+    rows, cols = matching_lib.greedy(costs, min(costs.shape))
+    saving = sum(layer_zip.saving_per_pair(state, len(state.kernels)) for state in writers)
+    return int(np.sum(costs[rows, cols] / saving <= threshold))
 
 
 def decide_newcomer(g, top, states, current, pair_states, provisional, original, config, rng):
@@ -406,11 +425,14 @@ def zip_graph(
     evaluation,
     report,
     verbose,
+    threshold=None,
 ) -> keras.Model:
     """Zips every hidden unit of a residual network (module docstring); returns the model.
 
     Arguments as :func:`mtz_tf.zipper.zip_models`'s internals: ``states`` from
-    :func:`mtz_tf.stack.separate_states`, ``shares`` one count per hidden unit.
+    :func:`mtz_tf.stack.separate_states`, ``shares`` one count per hidden unit. With a
+    ``threshold`` λ each stream's count is chosen by :func:`decide_group` instead (the
+    allocation pass of :mod:`mtz_tf.allocation`; ``shares`` are then upper bounds).
     """
     top = topology(plan, shares)
     mode = config["hessian"]
@@ -443,7 +465,9 @@ def zip_graph(
         current = dict(zip(aligned, hessians))
         timings["hessians"] = time.time() - began
         if g not in decided:
-            picked = decide_group(g, top, states, current, provisional, original, config, rng)
+            picked = decide_group(
+                g, top, states, current, provisional, original, config, rng, threshold
+            )
             permute_group(g, top, states, dict(enumerate(picked)))
             decided.add(g)
         timings["costs_matching"] = time.time() - began - sum(timings.values())

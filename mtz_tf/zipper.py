@@ -401,11 +401,10 @@ def zip_models(
     hidden = plan.hidden_units
     widths = [min(plans[t].hidden_units[i].units for t in task_names) for i in range(len(hidden))]
     allocation_info = None
-    if not plan.is_chain and (isinstance(share, allocation.ShareBudget) or checkpoint_dir):
+    if not plan.is_chain and checkpoint_dir:
         raise ValueError(
-            "Models with Add/Concatenate layers (residual networks) take a fraction or "
-            "per-layer counts as `share` and no `checkpoint_dir` yet. Received: "
-            f"share={share!r}, checkpoint_dir={checkpoint_dir!r}"
+            "Models with Add/Concatenate layers (residual networks) take no "
+            f"`checkpoint_dir` yet. Received: checkpoint_dir={checkpoint_dir!r}"
         )
     if isinstance(share, allocation.ShareBudget):
         shares, allocation_info = allocation.allocate(

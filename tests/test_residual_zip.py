@@ -161,11 +161,35 @@ def test_adding_a_task_to_a_partially_zipped_resnet(resnet8, images):
     outputs = joined(x)
     assert max_abs_diff(outputs["a"], zipped(x)["a"]) > 1e-4  # the shared weights moved
     assert np.all(np.isfinite(outputs["c"])) and outputs["c"].shape == (128, 5)
+    # A task's plain model follows the residual graph and computes exactly its output.
+    plain = mtz_tf.stack.task_model(joined, "c")
+    assert not any(isinstance(layer, mtz_tf.layers.ZippedConv2D) for layer in plain.layers)
+    assert max_abs_diff(plain(x), outputs["c"]) < 1e-5
     # Nothing shared: the newcomer sits beside the others with its own outputs.
     unshared, _ = mtz_tf.zip_models({"a": resnet8, "b": other}, pair, share=0.0, verbose=0)
     side_by_side, _ = mtz_tf.add_task(unshared, "c", newcomer, calibration, verbose=0)
     assert max_abs_diff(side_by_side(x)["c"], newcomer(x)) < 1e-5
     assert max_abs_diff(side_by_side(x)["a"], resnet8(x)) < 1e-5
+
+
+def test_share_budget_gives_each_stream_one_count(resnet8, images):
+    _, calib = images
+    other = _with_batch_norm_statistics(
+        models.resnet20((28, 28, 1), 5, 0.25, seed=4, blocks_per_stage=1), 1
+    )
+    pair, calibration = {"a": resnet8, "b": other}, {"a": calib, "b": calib}
+    budget = mtz_tf.ShareBudget(parameters=0.5, steps=5)
+    zipped, report = mtz_tf.zip_models(pair, calibration, share=budget, verbose=0)
+    counts = {layer.name: layer.shared for layer in report.layers}
+    assert list(counts.values()) == report.share_allocation["counts"]
+    for group in report.coupled_groups:
+        assert len({counts[name] for name in group}) == 1
+    assert mtz_tf.shared_fraction(zipped) >= 0.5
+    assert report.share_allocation["estimated_shared_fraction"] == pytest.approx(
+        mtz_tf.shared_fraction(zipped)
+    )
+    widths = [layer.units for layer in mtz_tf.graph.read_plan(resnet8).hidden_units]
+    assert list(counts.values()) != widths  # not simply everything
 
 
 def _two_writer_model(a_kernel, b_kernel, name):
@@ -202,7 +226,7 @@ def test_residual_bad_input(resnet, images, zipped_pair):
     pair, calibration = {"a": resnet, "b": other}, {"a": calib, "b": calib}
     with pytest.raises(ValueError, match="must share the same number of neurons"):
         mtz_tf.zip_models(pair, calibration, share={"stem_conv": 2}, verbose=0)
-    with pytest.raises(ValueError, match="no `checkpoint_dir` yet"):
+    with pytest.raises(ValueError, match="take no `checkpoint_dir` yet"):
         mtz_tf.zip_models(pair, calibration, checkpoint_dir="/tmp/never", verbose=0)
     inputs = keras.Input((8, 8, 1))
     a = keras.layers.Conv2D(2, 3, padding="same", name="a")(inputs)
