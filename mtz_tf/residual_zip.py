@@ -426,6 +426,8 @@ def zip_graph(
     report,
     verbose,
     threshold=None,
+    resume=None,
+    save=None,
 ) -> keras.Model:
     """Zips every hidden unit of a residual network (module docstring); returns the model.
 
@@ -433,6 +435,10 @@ def zip_graph(
     :func:`mtz_tf.stack.separate_states`, ``shares`` one count per hidden unit. With a
     ``threshold`` λ each stream's count is chosen by :func:`decide_group` instead (the
     allocation pass of :mod:`mtz_tf.allocation`; ``shares`` are then upper bounds).
+    ``resume=(states, completed)`` continues a checkpointed zip whose first ``completed``
+    units are done (the provisional alignment is recomputed from the input models, the
+    streams those units write are matched already); ``save(model, completed)``, if given,
+    checkpoints after every unit.
     """
     top = topology(plan, shares)
     mode = config["hessian"]
@@ -448,13 +454,17 @@ def zip_graph(
     report.coupled_groups = [
         [plan.units[w].name for w in members] for members in top.groups if len(members) > 1
     ]
-    decided = set()
-    retrain_offset = 0
+    start = 0
+    if resume is not None:
+        states, start = resume
+    decided = {top.group_of[u] for u in range(start)}
+    retrain_offset = sum(layer.retrain_steps for layer in report.layers)
     propagate_common(plan, states)
     model = stack.build_model(plan, task_names, states)
-    for u in range(len(hidden)):
+    for u in range(start, len(hidden)):
         began = time.time()
         timings = {}
+        rng = np.random.default_rng([config["seed"], 7, u])
         g = top.group_of[u]
         layers = stack.zipped_layers(model)
         writers = top.groups[g] if g not in decided else (u,)
@@ -490,6 +500,8 @@ def zip_graph(
             verbose,
         )
         report.layers.append(layer_report)
+        if save:
+            save(model, u + 1)
     return model
 
 

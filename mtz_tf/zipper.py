@@ -244,10 +244,11 @@ def _zip_layers(
     start: int,
     retrain: Retrain | None,
     evaluation: Mapping | None,
-    checkpoint: tuple | None,
+    save,
     verbose: int,
 ) -> keras.Model:
-    """Zips hidden layers ``start``.. in place (module docstring, steps 1-6)."""
+    """Zips hidden layers ``start``.. in place (module docstring, steps 1-6); ``save(model,
+    completed_layers)``, if given, checkpoints after every layer."""
     hidden = plan.hidden_units
     retrain_offset = sum(layer.retrain_steps for layer in report.layers)
     model = stack.build_model(plan, task_names, states)
@@ -287,17 +288,8 @@ def _zip_layers(
             verbose,
         )
         report.layers.append(layer_report)
-        if checkpoint:
-            directory, fingerprint = checkpoint
-            _write_checkpoint(
-                directory,
-                model,
-                {
-                    "fingerprint": fingerprint,
-                    "completed_layers": index + 1,
-                    "report": report.to_dict(),
-                },
-            )
+        if save:
+            save(model, index + 1)
     return model
 
 
@@ -401,11 +393,6 @@ def zip_models(
     hidden = plan.hidden_units
     widths = [min(plans[t].hidden_units[i].units for t in task_names) for i in range(len(hidden))]
     allocation_info = None
-    if not plan.is_chain and checkpoint_dir:
-        raise ValueError(
-            "Models with Add/Concatenate layers (residual networks) take no "
-            f"`checkpoint_dir` yet. Received: checkpoint_dir={checkpoint_dir!r}"
-        )
     if isinstance(share, allocation.ShareBudget):
         shares, allocation_info = allocation.allocate(
             plans, models, calibration, share, config, batch_norm, widths
@@ -424,21 +411,27 @@ def zip_models(
         share_allocation=allocation_info,
     )
     states = stack.separate_states(plans, models, batch_norm)
-    start = 0
+    start, resumed, save = 0, None, None
     if checkpoint_dir:
         restored = _read_checkpoint(checkpoint_dir, fingerprint)
         if restored is not None:
             restored_model, progress = restored
-            states = stack.read_states(restored_model, plan)
+            resumed = stack.read_states(restored_model, plan)
             report = ZipReport.from_dict(progress["report"])
             start = progress["completed_layers"]
             if verbose:
                 print(f"Resuming from {checkpoint_dir!r}: {start} layer(s) already zipped.")
+
+        def save(model, completed):
+            progress = {"fingerprint": fingerprint, "completed_layers": completed}
+            _write_checkpoint(checkpoint_dir, model, dict(progress, report=report.to_dict()))
+
     if evaluation is not None and start == 0:
         report.accuracy_original = task_accuracies(
             stack.build_model(plan, task_names, states), evaluation
         )
     if plan.is_chain:
+        states = resumed or states
         zipped = _zip_layers(
             plan,
             task_names,
@@ -451,7 +444,7 @@ def zip_models(
             start,
             retrain,
             evaluation,
-            (checkpoint_dir, fingerprint) if checkpoint_dir else None,
+            save,
             verbose,
         )
     else:
@@ -468,6 +461,8 @@ def zip_models(
             evaluation,
             report,
             verbose,
+            resume=(resumed, start) if resumed else None,
+            save=save,
         )
     _finish(zipped, report, int(sum(m.count_params() for m in models.values())))
     return zipped, report

@@ -1,5 +1,7 @@
 """Zipping residual networks: coupled channel groups through Add, one matching per stream."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -192,6 +194,52 @@ def test_share_budget_gives_each_stream_one_count(resnet8, images):
     assert list(counts.values()) != widths  # not simply everything
 
 
+def test_residual_zip_resumes_from_checkpoint(resnet8, images, fashion, tmp_path):
+    _, calib = images
+    other = models.permute_hidden(resnet8, 9)
+    pair, calibration = {"a": resnet8, "b": other}, {"a": calib, "b": calib}
+    x, y = fashion[0][:512], fashion[1][:512] % 5
+    schedule = [0, 0, 2, 0, 0, 2, 0, 0, 2]  # retrain after units 3, 6 and 9
+
+    def retrain(callbacks=()):
+        streams = {t: data.training_stream(x, y, batch_size=32, seed=i) for i, t in enumerate(pair)}
+        return mtz_tf.Retrain(
+            streams, steps_per_layer=schedule, callbacks=list(callbacks), verbose=0
+        )
+
+    full, full_report = mtz_tf.zip_models(
+        pair, calibration, share=0.5, retrain=retrain(), verbose=0
+    )
+
+    class StopAtSecondRetraining(keras.callbacks.Callback):
+        calls = 0
+
+        def on_train_begin(self, logs=None):
+            StopAtSecondRetraining.calls += 1
+            if StopAtSecondRetraining.calls == 2:
+                raise KeyboardInterrupt("simulated interruption")
+
+    checkpoint = str(tmp_path / "ckpt")
+    with pytest.raises(KeyboardInterrupt):
+        mtz_tf.zip_models(
+            pair,
+            calibration,
+            share=0.5,
+            retrain=retrain([StopAtSecondRetraining()]),
+            checkpoint_dir=checkpoint,
+            verbose=0,
+        )
+    with open(f"{checkpoint}/progress.json") as f:
+        assert json.load(f)["completed_layers"] == 5
+    resumed, resumed_report = mtz_tf.zip_models(
+        pair, calibration, share=0.5, retrain=retrain(), checkpoint_dir=checkpoint, verbose=0
+    )
+    for a, b in zip(full.weights, resumed.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+    assert resumed_report.retrain_steps == full_report.retrain_steps == 6
+    assert [r.shared for r in resumed_report.layers] == [r.shared for r in full_report.layers]
+
+
 def _two_writer_model(a_kernel, b_kernel, name):
     inputs = keras.Input((3,))
     a = keras.layers.Dense(2, name="a")(inputs)
@@ -222,12 +270,10 @@ def test_stream_matching_uses_the_summed_cost_of_all_writers():
 
 def test_residual_bad_input(resnet, images, zipped_pair):
     _, calib = images
-    other, (zipped, _) = zipped_pair
+    other, _ = zipped_pair
     pair, calibration = {"a": resnet, "b": other}, {"a": calib, "b": calib}
     with pytest.raises(ValueError, match="must share the same number of neurons"):
         mtz_tf.zip_models(pair, calibration, share={"stem_conv": 2}, verbose=0)
-    with pytest.raises(ValueError, match="take no `checkpoint_dir` yet"):
-        mtz_tf.zip_models(pair, calibration, checkpoint_dir="/tmp/never", verbose=0)
     inputs = keras.Input((8, 8, 1))
     a = keras.layers.Conv2D(2, 3, padding="same", name="a")(inputs)
     b = keras.layers.Conv2D(2, 3, padding="same", name="b")(inputs)
