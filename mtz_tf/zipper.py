@@ -331,10 +331,11 @@ def zip_models(
     """Zips pre-trained models of the same architecture into one multi-task model.
 
     Args:
-        models: {task name: keras.Model}, two or more chains of Conv2D/Dense units (each
+        models: {task name: keras.Model}, two or more models of Conv2D/Dense units (each
             optionally followed by BatchNormalization and an activation, with pooling,
-            Flatten and Dropout between them) with the same layer sequence and input shape.
-            Widths may differ. Not modified.
+            Flatten and Dropout between them), chains or residual graphs (Add, channel
+            Concatenate), with the same graph and input shape. Widths may differ. Not
+            modified.
         calibration: {task: batched tf.data.Dataset of inputs, or of (inputs, labels)};
             labels are ignored. The Hessians average over all of it.
         share: fraction of every hidden layer to share (float), per-layer counts or
