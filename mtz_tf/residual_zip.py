@@ -441,47 +441,80 @@ def zip_graph(
     checkpoints after every unit.
     """
     top = topology(plan, shares)
-    mode = config["hessian"]
-    hidden = plan.hidden_units
-    rng = np.random.default_rng([config["seed"], 7])
     began = time.time()
-    coupled = any(len(members) > 1 for members in top.groups)
     original = provisional = None
-    if coupled and config["criterion"] != "random":
-        original = original_hessians(plans, models, states, calibration, mode)
+    if any(len(members) > 1 for members in top.groups) and config["criterion"] != "random":
+        original = original_hessians(plans, models, states, calibration, config["hessian"])
+        rng = np.random.default_rng([config["seed"], 7])
         provisional = provisional_alignment(top, states, original, config, rng)
+    _report_groups(report, plan, top, began)
+    start = 0
+    if resume is not None:
+        states, start = resume
+
+    def decide(g, current, u):
+        rng = np.random.default_rng([config["seed"], 7, u])
+        picked = decide_group(
+            g, top, states, current, provisional, original, config, rng, threshold
+        )
+        permute_group(g, top, states, dict(enumerate(picked)))
+
+    return _walk(
+        plan,
+        task_names,
+        states,
+        top,
+        calibration,
+        config,
+        decide,
+        None,
+        (retrain, evaluation, report, verbose, save),
+        start,
+    )
+
+
+def _report_groups(report, plan, top, began) -> None:
     report.alignment_seconds = time.time() - began
     report.coupled_groups = [
         [plan.units[w].name for w in members] for members in top.groups if len(members) > 1
     ]
-    start = 0
-    if resume is not None:
-        states, start = resume
+
+
+def _walk(plan, task_names, states, top, calibration, config, decide, joining, options, start=0):
+    """The unit loop of :func:`zip_graph` and :func:`join_graph`; returns the model.
+
+    Per unit u from ``start``, in topological order: each task's Hessians of the writers of
+    u's group whose inputs are aligned (all of them when the group is first reached, else u
+    alone); ``decide(g, current, u)`` matches and permutes group g at its first writer;
+    then u's first k neurons of the ``joining`` tasks (None: all) are tied, the model is
+    rebuilt, and the layer is reported and retrained. ``options`` is ``(retrain,
+    evaluation, report, verbose, save)``; ``save(model, completed)`` checkpoints.
+    """
+    retrain, evaluation, report, verbose, save = options
     decided = {top.group_of[u] for u in range(start)}
     retrain_offset = sum(layer.retrain_steps for layer in report.layers)
     propagate_common(plan, states)
     model = stack.build_model(plan, task_names, states)
-    for u in range(start, len(hidden)):
+    for u in range(start, len(plan.hidden_units)):
         began = time.time()
-        timings = {}
-        rng = np.random.default_rng([config["seed"], 7, u])
         g = top.group_of[u]
-        layers = stack.zipped_layers(model)
         writers = top.groups[g] if g not in decided else (u,)
         aligned = [w for w in writers if top.source[w] is None or top.source[w] in decided]
+        layers = stack.zipped_layers(model)
         hessians = layer_zip.layers_hessians(
-            model, [layers[w] for w in aligned], [states[w] for w in aligned], calibration, mode
+            model,
+            [layers[w] for w in aligned],
+            [states[w] for w in aligned],
+            calibration,
+            config["hessian"],
         )
         current = dict(zip(aligned, hessians))
-        timings["hessians"] = time.time() - began
+        timings = {"hessians": time.time() - began}
         if g not in decided:
-            picked = decide_group(
-                g, top, states, current, provisional, original, config, rng, threshold
-            )
-            permute_group(g, top, states, dict(enumerate(picked)))
+            decide(g, current, u)
             decided.add(g)
         timings["costs_matching"] = time.time() - began - sum(timings.values())
-        merge_cost = tie_unit(states[u], top.shares[g], current[u], config)
+        merge_cost = tie_unit(states[u], top.shares[g], current[u], config, joining)
         propagate_common(plan, states)
         timings["merge"] = time.time() - began - sum(timings.values())
         model = stack.build_model(plan, task_names, states)
@@ -540,52 +573,22 @@ def join_graph(
         pair_states, original, provisional = _newcomer_alignment(
             plan, zipped, task_names[0], task, model, newcomer, top, calibration, config
         )
-    report.alignment_seconds = time.time() - began
-    report.coupled_groups = [
-        [plan.units[w].name for w in members] for members in top.groups if len(members) > 1
-    ]
-    decided, retrain_offset = set(), 0
-    propagate_common(plan, states)
-    joined = stack.build_model(plan, task_names, states)
-    for u in range(len(hidden)):
-        began = time.time()
-        g = top.group_of[u]
-        writers = top.groups[g] if g not in decided else (u,)
-        aligned = [w for w in writers if top.source[w] is None or top.source[w] in decided]
-        layers = stack.zipped_layers(joined)
-        hessians = layer_zip.layers_hessians(
-            joined,
-            [layers[w] for w in aligned],
-            [states[w] for w in aligned],
-            calibration,
-            config["hessian"],
+    _report_groups(report, plan, top, began)
+
+    def decide(g, current, u):
+        picked = decide_newcomer(
+            g, top, states, current, pair_states, provisional, original, config, rng
         )
-        current = dict(zip(aligned, hessians))
-        timings = {"hessians": time.time() - began}
-        if g not in decided:
-            picked = decide_newcomer(
-                g, top, states, current, pair_states, provisional, original, config, rng
-            )
-            permute_group(g, top, states, {new: picked}, align=False)
-            decided.add(g)
-        timings["costs_matching"] = time.time() - began - sum(timings.values())
-        merge_cost = tie_unit(states[u], top.shares[g], current[u], config, joining=[new])
-        propagate_common(plan, states)
-        timings["merge"] = time.time() - began - sum(timings.values())
-        joined = stack.build_model(plan, task_names, states)
-        timings["rebuild"] = time.time() - began - sum(timings.values())
-        layer_report, retrain_offset = after_layer(
-            joined,
-            plan,
-            states,
-            u,
-            merge_cost,
-            retrain,
-            evaluation,
-            retrain_offset,
-            began,
-            timings,
-            verbose,
-        )
-        report.layers.append(layer_report)
-    return joined
+        permute_group(g, top, states, {new: picked}, align=False)
+
+    return _walk(
+        plan,
+        task_names,
+        states,
+        top,
+        calibration,
+        config,
+        decide,
+        [new],
+        (retrain, evaluation, report, verbose, None),
+    )
