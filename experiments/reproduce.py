@@ -69,6 +69,12 @@ flags.DEFINE_list(
     "square root of the target of its neurons (default: 0.25,0.5,0.75,1.0 for resnet20_split, "
     "1.0 for resnet20_three).",
 )
+flags.DEFINE_integer(
+    "residual_budget_steps",
+    None,
+    "resnet20_*: allocate the shared counts with ShareBudget(parameters=target) and this many "
+    "bisection steps instead of √target of every layer (results get a _budget suffix).",
+)
 flags.DEFINE_enum("residual_hessian", "channel", ["channel", "patch"], "resnet20_*: conv Hessian.")
 
 VARIANTS = (
@@ -335,10 +341,12 @@ def residual_experiment() -> None:
         retrain_batch_size=FLAGS.residual_batch_size,
         learning_rate=FLAGS.retrain_learning_rate,
         hessian=FLAGS.residual_hessian,
+        budget_steps=FLAGS.residual_budget_steps,
     )
     command = "python experiments/reproduce.py " + " ".join(sys.argv[1:])
     record["command"] = command
-    stem = os.path.join(FLAGS.results_dir, f"{FLAGS.experiment}_fashion_mnist")
+    suffix = "_budget" if FLAGS.residual_budget_steps is not None else ""
+    stem = os.path.join(FLAGS.results_dir, f"{FLAGS.experiment}{suffix}_fashion_mnist")
     title = (
         "MTZ different tasks: two ResNet-20 on the two halves of Fashion-MNIST's labels"
         if split

@@ -88,6 +88,7 @@ def different_task_experiment(
     learning_rate: float,
     hessian: str,
     bn_momentum: float = 0.9,
+    budget_steps: int | None = None,
 ) -> dict:
     """Zips one ResNet-20 per label group at each target shared-parameter fraction; returns
     the JSON record.
@@ -104,6 +105,10 @@ def different_task_experiment(
     come from more training of under-trained input models are visible. Accuracy is measured
     on each group's test split; the models were selected on the validation splits; nothing
     here looks at the test splits except the final measurement.
+
+    With ``budget_steps`` the counts come from ``mtz_tf.ShareBudget(parameters=p)``
+    instead (cheapest pairs per saved parameter across streams, that many bisection steps),
+    allocated once without retraining and reused for the retrained zip.
     """
     splits = task_splits(groups, data_dir)
     tasks = list(splits)
@@ -162,8 +167,11 @@ def different_task_experiment(
             (True, {t: training.accuracy(m, *splits[t]["test"]) for t, m in tuned.items()}),
         )
     ]
+    widths = [unit.units for unit in mtz_tf.graph.read_plan(originals[tasks[0]]).hidden_units]
     for target in parameter_targets:
         share = float(np.sqrt(target))
+        if budget_steps is not None:
+            share = mtz_tf.ShareBudget(parameters=target, steps=budget_steps)
         for retrained in (False, True):
             began = time.time()
             retrain = None
@@ -182,10 +190,13 @@ def different_task_experiment(
                 retrain=retrain,
                 verbose=1,
             )
+            counts = [layer.shared for layer in report.layers[: len(widths)]]
+            share = counts  # the allocation, if any, is reused for the retrained zip
             rows.append(
                 {
                     "target_parameter_fraction": target,
-                    "share": share,
+                    "share": sum(counts) / sum(widths) if budget_steps else float(np.sqrt(target)),
+                    "counts": counts,
                     "retrained": retrained,
                     "test_accuracy": mtz_tf.retrain.task_accuracies(zipped, test_sets),
                     "parameters": report.parameters["total"],
@@ -206,6 +217,7 @@ def different_task_experiment(
         "separate_test_accuracy": separate,
         "hessian": hessian,
         "retrain_schedule": schedule,
+        "allocation": "uniform" if budget_steps is None else f"budget ({budget_steps} steps)",
         "rows": rows,
     }
 
@@ -246,7 +258,13 @@ def markdown(record: dict, title: str, command: str) -> str:
         f"(width x{record['width_multiplier']:g}, BatchNorm, projection shortcuts) per group, "
         f"trained from scratch for {record['scratch_iterations']} iterations (best "
         "validation epoch), hidden units permuted. Each row targets a fraction p of the "
-        "parameters to share by sharing √p of every hidden layer's neurons (MTZ greedy, one "
+        + (
+            "parameters to share by sharing √p of every hidden layer's neurons "
+            if record.get("allocation", "uniform") == "uniform"
+            else "parameters to share with `ShareBudget(parameters=p)` (per-stream counts, "
+            "cheapest pairs per saved parameter first; 'neurons shared' is their total) "
+        )
+        + "(MTZ greedy, one "
         f"matching per residual stream, {record['hessian']} Hessians, per-task BatchNorm); "
         "retraining: joint Adam steps after the zipped hidden layers in the schedule "
         f"{record['retrain_schedule']} (steps after each hidden layer). The separate models' "
