@@ -459,18 +459,8 @@ def zip_graph(
         )
         permute_group(g, top, states, dict(enumerate(picked)))
 
-    return _walk(
-        plan,
-        task_names,
-        states,
-        top,
-        calibration,
-        config,
-        decide,
-        None,
-        (retrain, evaluation, report, verbose, save),
-        start,
-    )
+    run = (retrain, evaluation, report, verbose, save)
+    return _walk(plan, task_names, states, top, calibration, config, decide, None, run, start)
 
 
 def _report_groups(report, plan, top, began) -> None:
@@ -539,19 +529,7 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
 
 
 def join_graph(
-    plan,
-    zipped,
-    task,
-    model,
-    task_names,
-    states,
-    newcomer,
-    calibration,
-    config,
-    retrain,
-    evaluation,
-    report,
-    verbose,
+    plan, zipped, task, model, task_names, states, newcomer, calibration, config, run
 ) -> keras.Model:
     """Zips one more task into a zipped residual network; returns the new model.
 
@@ -561,8 +539,10 @@ def join_graph(
     writer costs (:func:`decide_newcomer`, provisional alignment against the first zipped
     task's view for the writers whose inputs are not aligned yet), and each writer's shared
     weights become the merge of the group (Σ H_t of its tasks) with the newcomer's matched
-    neurons. The other tasks' own neurons are not touched.
+    neurons. The other tasks' own neurons are not touched. ``run`` is ``(retrain,
+    evaluation, report, verbose)``.
     """
+    retrain, evaluation, report, verbose = run
     hidden = plan.hidden_units
     top = topology(plan, [state.shared_units for state in states[: len(hidden)]])
     new = len(task_names) - 1
@@ -581,14 +561,5 @@ def join_graph(
         )
         permute_group(g, top, states, {new: picked}, align=False)
 
-    return _walk(
-        plan,
-        task_names,
-        states,
-        top,
-        calibration,
-        config,
-        decide,
-        [new],
-        (retrain, evaluation, report, verbose, None),
-    )
+    run = (retrain, evaluation, report, verbose, None)
+    return _walk(plan, task_names, states, top, calibration, config, decide, [new], run)

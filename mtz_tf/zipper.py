@@ -578,20 +578,9 @@ def add_task(
             verbose,
         )
     else:
+        run = (retrain, evaluation, report, verbose)
         result = residual_zip.join_graph(
-            plan,
-            zipped,
-            task,
-            model,
-            task_names,
-            states,
-            newcomer,
-            calibration,
-            config,
-            retrain,
-            evaluation,
-            report,
-            verbose,
+            plan, zipped, task, model, task_names, states, newcomer, calibration, config, run
         )
     separate = sum(stack.task_model(zipped, t).count_params() for t in old_tasks)
     _finish(result, report, separate + model.count_params())

@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -56,3 +57,17 @@ def calibration(fashion):
 
 def max_abs_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+class InterruptAtTraining(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt when the ``n``-th retraining of a zip begins (a simulated
+    interruption, to test resuming from a checkpoint)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def on_train_begin(self, logs=None):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt("simulated interruption")

@@ -5,7 +5,7 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import max_abs_diff
+from conftest import InterruptAtTraining, max_abs_diff
 
 import mtz_tf
 from mtz_tf import data, models
@@ -211,21 +211,13 @@ def test_residual_zip_resumes_from_checkpoint(resnet8, images, fashion, tmp_path
         pair, calibration, share=0.5, retrain=retrain(), verbose=0
     )
 
-    class StopAtSecondRetraining(keras.callbacks.Callback):
-        calls = 0
-
-        def on_train_begin(self, logs=None):
-            StopAtSecondRetraining.calls += 1
-            if StopAtSecondRetraining.calls == 2:
-                raise KeyboardInterrupt("simulated interruption")
-
     checkpoint = str(tmp_path / "ckpt")
     with pytest.raises(KeyboardInterrupt):
         mtz_tf.zip_models(
             pair,
             calibration,
             share=0.5,
-            retrain=retrain([StopAtSecondRetraining()]),
+            retrain=retrain([InterruptAtTraining(2)]),
             checkpoint_dir=checkpoint,
             verbose=0,
         )

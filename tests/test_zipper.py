@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import max_abs_diff
+from conftest import InterruptAtTraining, max_abs_diff
 
 import mtz_tf
 from mtz_tf import data, models
@@ -88,20 +88,12 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(
     calib = {"a": calibration, "b": calibration}
     full, full_report = mtz_tf.zip_models(models_, calib, retrain=_retrain(fashion), verbose=0)
 
-    class StopAtSecondLayer(keras.callbacks.Callback):
-        calls = 0
-
-        def on_train_begin(self, logs=None):
-            StopAtSecondLayer.calls += 1
-            if StopAtSecondLayer.calls == 2:
-                raise KeyboardInterrupt("simulated interruption")
-
     checkpoint = str(tmp_path / "ckpt")
     with pytest.raises(KeyboardInterrupt):
         mtz_tf.zip_models(
             models_,
             calib,
-            retrain=_retrain(fashion, callbacks=[StopAtSecondLayer()]),
+            retrain=_retrain(fashion, callbacks=[InterruptAtTraining(2)]),
             checkpoint_dir=checkpoint,
             verbose=0,
         )
