@@ -290,18 +290,6 @@ def decide_newcomer(g, top, states, current, pair_states, provisional, original,
     return cols[np.argsort(rows)]
 
 
-def task_view(state: stack.LayerState, t: int) -> tuple[np.ndarray, np.ndarray]:
-    """Task t's whole (kernel, bias) in a zipped unit: outputs [shared; own], inputs in the
-    order of the tensor the task feeds it ([shared; own] channels)."""
-    if not (state.sharing[t] and state.shared_units):
-        return state.kernels[t], state.biases[t]
-    shared = np.concatenate([state.shared_kernel, state.cross_kernels[t]], axis=-2)
-    return (
-        np.concatenate([shared, state.kernels[t]], axis=-1),
-        np.concatenate([state.shared_bias, state.biases[t]]),
-    )
-
-
 def _newcomer_alignment(plan, zipped, old_task, task, model, newcomer, top, calibration, config):
     """The provisional alignment of a joining task's input model with the first zipped
     task's view, on their own Hessians; returns (pair_states, original, provisional)."""
@@ -309,8 +297,10 @@ def _newcomer_alignment(plan, zipped, old_task, task, model, newcomer, top, cali
     hidden = len(plan.hidden_units)
     zipped_states = stack.read_states(zipped, plan)[:hidden]
     pair_states = []
-    for state, own in zip(zipped_states, newcomer):
-        kernel, bias = task_view(state, 0)
+    for layer, own in zip(stack.zipped_layers(zipped)[:hidden], newcomer):
+        kernel, bias = layer.task_weights(old_task)
+        kernel = np.asarray(kernel, np.float64)
+        bias = np.zeros(kernel.shape[-1]) if bias is None else np.asarray(bias, np.float64)
         pair_states.append(
             dataclasses.replace(
                 own,
