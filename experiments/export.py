@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags, logging
 
-from mtz_tf import data, deploy_report
+from mtz_tf import data, deploy_report, io_utils
 from mtz_tf import exporter as export_lib
 
 FLAGS = flags.FLAGS
@@ -141,8 +141,7 @@ def main(argv):
             **options,
         )
         print(markdown)
-    with open(os.path.join(FLAGS.output_dir, "export_flags.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    io_utils.write_json(os.path.join(FLAGS.output_dir, "export_flags.json"), config)
 
 
 if __name__ == "__main__":

@@ -24,14 +24,13 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 
 import keras
 import numpy as np
 from absl import app, flags, logging
 
-from mtz_tf import data, models, training
+from mtz_tf import data, io_utils, models, training
 from mtz_tf.compress import flops, ista, l1_filter_pruning
 
 FLAGS = flags.FLAGS
@@ -111,13 +110,6 @@ def _row(method, rho, model, val, test, seconds, extra=None):
     return row
 
 
-def _write_atomic(path, text):
-    directory = os.path.dirname(path) or "."
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
 def _previous_rows(config):
     """{rho: [ISTA row, l1 row if any]} from an earlier results.json of this configuration."""
     path = os.path.join(FLAGS.output_dir, "results.json")
@@ -144,10 +136,8 @@ def _previous_rows(config):
 
 def _write_results(config, lambdas, rows):
     results = {"config": config, "lambdas": lambdas, "rows": rows}
-    _write_atomic(
-        os.path.join(FLAGS.output_dir, "results.json"), json.dumps(results, indent=2) + "\n"
-    )
-    _write_atomic(os.path.join(FLAGS.output_dir, "results.md"), _markdown(config, rows))
+    io_utils.write_json(os.path.join(FLAGS.output_dir, "results.json"), results)
+    io_utils.write_text(os.path.join(FLAGS.output_dir, "results.md"), _markdown(config, rows))
 
 
 def _markdown(config, rows):
@@ -210,7 +200,7 @@ def main(argv):
             seed=FLAGS.seed,
             verbose=2,
         )
-        pretrained.save(pretrained_path)
+        io_utils.save_model(pretrained, pretrained_path)
     # Every model is evaluated with BatchNorm statistics recomputed on training examples.
     ista.recalibrate_batchnorm(pretrained, x_train, FLAGS.recalibration_examples)
     rows = [_row("unpruned", None, pretrained, val, test, time.time() - start)]
@@ -248,7 +238,7 @@ def main(argv):
         rows.append(
             _row("ISTA", rho, pruned, val, test, time.time() - start, dataclasses.asdict(report))
         )
-        pruned.save(os.path.join(FLAGS.output_dir, f"ista_rho{rho}.keras"))
+        io_utils.save_model(pruned, os.path.join(FLAGS.output_dir, f"ista_rho{rho}.keras"))
 
         if report.params_after == report.params_before:
             logging.info("rho=%g removed no channel; no l1-norm baseline to match", rho)

@@ -18,14 +18,12 @@ Examples:
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 
 import keras
 from absl import app, flags, logging
 
-from mtz_tf import data, torch_weights, training
+from mtz_tf import data, io_utils, torch_weights, training
 from mtz_tf.compress import criteria, neuron_merging
 
 FLAGS = flags.FLAGS
@@ -94,15 +92,6 @@ def _ratio():
     return ratios
 
 
-def _save_atomically(model: keras.Model, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(suffix=".keras", dir=directory)
-    os.close(handle)
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
 def main(argv):
     del argv
     config = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
@@ -145,11 +134,10 @@ def main(argv):
         f"({100 * result['params_after'] / result['params_before']:.1f}%)"
     )
     if FLAGS.output:
-        _save_atomically(compressed, FLAGS.output)
+        io_utils.save_model(compressed, FLAGS.output)
         logging.info("Saved %s", FLAGS.output)
     if FLAGS.results_json:
-        with open(FLAGS.results_json, "w") as f:
-            json.dump(result, f, indent=2)
+        io_utils.write_json(FLAGS.results_json, result)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 import keras
 from absl import app, flags, logging
 
-from mtz_tf import data, models, torch_weights, training
+from mtz_tf import data, io_utils, models, torch_weights, training
 from mtz_tf.compress import neuron_merging
 
 FLAGS = flags.FLAGS
@@ -57,12 +57,9 @@ def _command() -> str:
 
 
 def _write(stem: str, markdown: str, payload: dict) -> None:
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
     for suffix, text in ((".md", markdown), (".json", json.dumps(payload, indent=2) + "\n")):
         path = os.path.join(FLAGS.output_dir, stem + suffix)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        io_utils.write_text(path, text)
         logging.info("Wrote %s", path)
 
 
@@ -166,9 +163,7 @@ def _train_or_load(name, build, epochs, train, val):
         model, *train, epochs=epochs, validation=val, seed=FLAGS.seed, verbose=2
     )
     seconds = time.time() - start
-    os.makedirs(FLAGS.model_dir, exist_ok=True)
-    model.save(path + ".tmp.keras")
-    os.replace(path + ".tmp.keras", path)
+    io_utils.save_model(model, path)
     return model, seconds
 
 

@@ -327,7 +327,5 @@ def plot(record: dict, path: str) -> None:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    temp = path + ".tmp.png"
-    figure.savefig(temp, dpi=120)
+    io_utils.save_figure(figure, path, dpi=120)
     plt.close(figure)
-    os.replace(temp, path)

@@ -6,13 +6,25 @@ layers (:class:`ZippedDense`, :class:`ZippedConv2D`), deployment (:func:`export`
 ``matching``, ``graph``, ``stack``, ``training``.
 """
 
-from mtz_tf import compress, cost, data, graph, hessian, matching, models, stack, training
+from mtz_tf import (
+    checkpoint,
+    compress,
+    cost,
+    data,
+    graph,
+    hessian,
+    io_utils,
+    matching,
+    models,
+    stack,
+    training,
+)
 from mtz_tf.allocation import ShareBudget, shared_fraction
 from mtz_tf.deploy_report import DeploymentReport, deployment_report, size_speed_report
 from mtz_tf.exporter import ParityError, export
 from mtz_tf.layers import ChannelMajorFlatten, ZippedConv2D, ZippedDense
 from mtz_tf.report import LayerReport, ZipReport
-from mtz_tf.retrain import Retrain
+from mtz_tf.retrain import Retrain, RetrainingDivergedError
 from mtz_tf.zipper import add_task, zip_models
 
 __version__ = "0.1.0"
@@ -23,11 +35,13 @@ __all__ = [
     "LayerReport",
     "ParityError",
     "Retrain",
+    "RetrainingDivergedError",
     "ShareBudget",
     "ZipReport",
     "ZippedConv2D",
     "ZippedDense",
     "add_task",
+    "checkpoint",
     "compress",
     "cost",
     "data",
@@ -35,6 +49,7 @@ __all__ = [
     "export",
     "graph",
     "hessian",
+    "io_utils",
     "matching",
     "models",
     "shared_fraction",

@@ -18,13 +18,10 @@ JSON copy into the output directory.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -33,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtz_tf import exporter as export_lib
+from mtz_tf import io_utils
 
 REPORT_MARKDOWN = "deployment_report.md"
 REPORT_JSON = "deployment_report.json"
@@ -212,32 +210,25 @@ def _latencies(exports: dict, x: np.ndarray, runs, warmup, threads) -> dict:
     return result
 
 
-@contextlib.contextmanager
-def _fresh_directory(out_dir: str, overwrite: bool):
-    """Runs the body with ``out_dir`` empty; on failure puts the previous one back.
+def _relocated(value, staging: str, final: str):
+    """``value`` (an export result) with paths under ``staging`` moved to ``final``."""
+    if isinstance(value, dict):
+        return {k: _relocated(v, staging, final) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relocated(v, staging, final) for v in value]
+    if isinstance(value, str) and (value == staging or value.startswith(staging + os.sep)):
+        return final + value[len(staging) :]
+    return value
 
-    An existing non-empty ``out_dir`` needs ``overwrite`` and is moved aside first (and
-    deleted once the body succeeded), so no stale export of an earlier run survives.
-    """
-    out_dir = os.path.abspath(out_dir)
-    export_lib._check_out_dir(out_dir, overwrite)
-    parent, base = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    old = None
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-        os.rmdir(old)
-        os.rename(out_dir, old)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        yield
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        if old is not None:
-            os.rename(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+def _export_into(staging: str, final: str, name: str, model, **options) -> dict:
+    """Exports ``model`` to ``staging/name``, its manifest naming ``final/name``."""
+    result = export_lib.export(model, os.path.join(staging, name), **options)
+    result = _relocated(result, staging, final)
+    manifest = os.path.join(staging, name, export_lib.MANIFEST_FILE)
+    with open(manifest, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
 
 
 def size_speed_report(
@@ -290,9 +281,11 @@ def size_speed_report(
         sample_inputs = sample_inputs.astype(spec.dtype.as_numpy_dtype)
     x = export_lib._samples(sample_inputs, limit=10**9)
     options = dict(formats=formats, quantize=quantize, representative_data=representative_data)
-    with _fresh_directory(out_dir, overwrite):
-        zipped_result = export_lib.export(
-            zipped, os.path.join(out_dir, "zipped"), parity_data=sample_inputs, **options
+    out_dir = os.path.abspath(out_dir)
+    export_lib._check_out_dir(out_dir, overwrite)
+    with io_utils.staged_directory(out_dir) as staging:
+        zipped_result = _export_into(
+            staging, out_dir, "zipped", zipped, parity_data=sample_inputs, **options
         )
         separate_results = {}
         for name, model in separate_models.items():
@@ -303,8 +296,8 @@ def size_speed_report(
                     parity = (x, y)
                 elif name in y:
                     parity = (x, y[name])
-            separate_results[name] = export_lib.export(
-                model, os.path.join(out_dir, f"separate_{name}"), parity_data=parity, **options
+            separate_results[name] = _export_into(
+                staging, out_dir, f"separate_{name}", model, parity_data=parity, **options
             )
     sizes = {}
     for fmt in zipped_result["artifacts"]:
@@ -337,19 +330,6 @@ def size_speed_report(
     )
 
 
-def _write_atomically(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def deployment_report(
     zipped: keras.Model,
     separate_models: Mapping[str, keras.Model],
@@ -364,6 +344,6 @@ def deployment_report(
     """
     report = size_speed_report(zipped, separate_models, out_dir, sample_inputs, **kwargs)
     markdown = report.to_markdown(title="Deployment: zipped model against the separate models")
-    _write_atomically(os.path.join(out_dir, REPORT_MARKDOWN), markdown)
-    _write_atomically(os.path.join(out_dir, REPORT_JSON), json.dumps(report.to_dict(), indent=2))
+    io_utils.write_text(os.path.join(out_dir, REPORT_MARKDOWN), markdown)
+    io_utils.write_json(os.path.join(out_dir, REPORT_JSON), report.to_dict())
     return markdown

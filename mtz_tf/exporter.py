@@ -15,10 +15,11 @@
 Every signature takes one tensor named ``input`` and returns a dict keyed by task name (a
 single-output model has one output named ``output``).
 
-The write is atomic: everything is built in a temporary directory beside ``out_dir``, every
-artifact is loaded back and compared with the Keras model, and only then is the directory
-renamed into place. On any failure the temporary directory is removed and an existing
-``out_dir`` is left as it was.
+The write is atomic (:func:`mtz_tf.io_utils.staged_directory`): everything is built in a
+staging directory beside ``out_dir``, every artifact is loaded back and compared with the
+Keras model, and only then is the directory swapped into place, in one atomic exchange with
+an existing ``out_dir``. On any failure the staging directory is removed and an existing
+``out_dir`` is left as it was. Files and directories get the modes the umask gives.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from mtz_tf import io_utils
 
 _LOG = logging.getLogger("mtz_tf")
 
@@ -410,23 +412,6 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> None:
         )
 
 
-def _swap_into_place(tmp_dir: str, out_dir: str) -> None:
-    """Renames ``tmp_dir`` to ``out_dir``, replacing an existing ``out_dir``."""
-    if not os.path.exists(out_dir):
-        os.rename(tmp_dir, out_dir)
-        return
-    parent, base = os.path.split(out_dir)
-    old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent or ".")
-    os.rmdir(old)
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp_dir, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export(
     model: keras.Model,
     out_dir: str,
@@ -507,10 +492,7 @@ def export(
     )
     expected = _predict(model, x)
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with io_utils.staged_directory(out_dir) as tmp_dir:
         result = _write_all(
             model,
             tmp_dir,
@@ -535,10 +517,6 @@ def export(
             artifact["path"] = os.path.join(out_dir, artifact["file"])
         with open(os.path.join(tmp_dir, MANIFEST_FILE), "w") as f:
             json.dump(result, f, indent=2)
-        _swap_into_place(tmp_dir, out_dir)
-    finally:
-        if os.path.exists(tmp_dir):
-            shutil.rmtree(tmp_dir, ignore_errors=True)
     return result
 
 

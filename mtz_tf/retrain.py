@@ -72,17 +72,51 @@ def _default_loss(model: keras.Model, task: str) -> keras.losses.Loss:
     return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
 
 
+class RetrainingDivergedError(FloatingPointError):
+    """Joint retraining produced a NaN or infinite loss or weight.
+
+    Attributes:
+        layer: str, the zipped layer after which retraining ran.
+        step: int, the retraining step (counted over the whole zip, from 0) at which the loss
+            first was not finite, or the last step when only the weights are.
+    """
+
+    def __init__(self, message: str, layer: str, step: int):
+        super().__init__(message)
+        self.layer, self.step = layer, step
+
+
+class _FirstNonFiniteLoss(keras.callbacks.Callback):
+    """Stops training at the first batch whose loss is NaN or infinite, and remembers it."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            self.batch = batch
+            self.model.stop_training = True
+
+
 def retrain_jointly(
     model: keras.Model,
     retrain: Retrain,
     steps: int,
     start_step: int,
+    layer: str = "",
 ) -> None:
     """Trains ``model`` in place for ``steps`` joint steps, starting at batch ``start_step``.
 
     A training model with one input per task feeds task t's batch through the zipped model
     and keeps output t; Keras sums the per-task losses. Runs under
     ``tf.distribute.get_strategy()`` (the model must have been built under it).
+
+    Raises:
+        RetrainingDivergedError: the loss or a weight became NaN or infinite (training
+            stops at the first such step; the message names ``layer`` and the step). The
+            model's weights are then unusable; a checkpoint of earlier layers is untouched.
     """
     if steps == 0:
         return
@@ -101,9 +135,30 @@ def retrain_jointly(
         lambda batches: ({t: batches[t][0] for t in tasks}, {t: batches[t][1] for t in tasks})
     )
     joint = joint.skip(start_step).take(steps)
+    watch = _FirstNonFiniteLoss()
     trainer.fit(
-        joint, epochs=1, shuffle=False, verbose=retrain.verbose, callbacks=list(retrain.callbacks)
+        joint,
+        epochs=1,
+        shuffle=False,
+        verbose=retrain.verbose,
+        callbacks=list(retrain.callbacks) + [watch],
     )
+    bad = [v.path for v in model.weights if not np.all(np.isfinite(v.numpy()))]
+    if watch.batch is not None or bad:
+        step = start_step + (watch.batch if watch.batch is not None else steps - 1)
+        what = (
+            "the loss became NaN or infinite"
+            if watch.batch is not None
+            else (f"weights {bad[:3]} became NaN or infinite")
+        )
+        raise RetrainingDivergedError(
+            f"Joint retraining after layer {layer!r} diverged: {what} at retraining step "
+            f"{step} (step {step - start_step + 1} of {steps} for this layer). Lower the "
+            "learning rate of `Retrain.optimizer` (e.g. optimizer=keras.optimizers.Adam(1e-4))"
+            " or retrain fewer steps; a checkpoint of the layers before it is kept.",
+            layer,
+            step,
+        )
 
 
 def task_accuracies(model: keras.Model, evaluation: Mapping[str, tf.data.Dataset]) -> dict:
@@ -157,7 +212,9 @@ def after_layer(
         layer_report.accuracy_before_retraining = task_accuracies(model, evaluation)
     steps = retrain.steps_for(index, count) if retrain is not None else 0
     if steps:
-        retrain_jointly(model, retrain, steps, start_step=start_step)
+        retrain_jointly(
+            model, retrain, steps, start_step=start_step, layer=plan.hidden_units[index].name
+        )
         states[:] = stack.read_states(model, plan)
         if evaluation is not None:
             layer_report.accuracy_after_retraining = task_accuracies(model, evaluation)

@@ -18,12 +18,7 @@ every layer and resumes from the last completed layer.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 
@@ -31,15 +26,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import allocation, cost, graph, layer_zip, residual_zip, stack
+from mtz_tf import allocation, checkpoint, cost, graph, layer_zip, residual_zip, stack
 from mtz_tf import matching as matching_lib
 from mtz_tf.layer_zip import CRITERIA, HESSIAN_MODES, MERGES
 from mtz_tf.report import ZipReport
 from mtz_tf.retrain import Retrain, after_layer, task_accuracies
 
 _LOG = logging.getLogger("mtz_tf")
-_CHECKPOINT_MODEL = "zipped.keras"
-_CHECKPOINT_PROGRESS = "progress.json"
 
 
 def _validate_models(models: Mapping[str, keras.Model]) -> dict[str, graph.Plan]:
@@ -186,52 +179,6 @@ def parse_share(text: str):
     return result
 
 
-def _fingerprint(models, shares, config: dict, seed: int) -> str:
-    digest = hashlib.sha256()
-    digest.update(json.dumps([list(models), shares, config, seed], sort_keys=True).encode())
-    for model in models.values():
-        for variable in model.weights:
-            digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
-    return digest.hexdigest()
-
-
-def _write_checkpoint(directory: str, model: keras.Model, progress: dict) -> None:
-    """Writes the model and progress atomically: a temp dir, then rename over the old one."""
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".mtz_ckpt_", dir=parent)
-    model.save(os.path.join(staging, _CHECKPOINT_MODEL))
-    with open(os.path.join(staging, _CHECKPOINT_PROGRESS), "w") as f:
-        json.dump(progress, f)
-    old = None
-    if os.path.exists(directory):
-        old = tempfile.mkdtemp(prefix=".mtz_old_", dir=parent)
-        os.rename(directory, os.path.join(old, "ckpt"))
-    os.rename(staging, directory)
-    if old:
-        shutil.rmtree(old)
-
-
-def _read_checkpoint(directory: str, fingerprint: str):
-    progress_path = os.path.join(directory, _CHECKPOINT_PROGRESS)
-    if not os.path.exists(progress_path):
-        if os.path.isdir(directory) and os.listdir(directory):
-            raise ValueError(
-                f"`checkpoint_dir` {directory!r} exists and is not an mtz_tf checkpoint; give "
-                "an empty or new directory."
-            )
-        return None
-    with open(progress_path) as f:
-        progress = json.load(f)
-    if progress.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"`checkpoint_dir` {directory!r} holds a zip of other models or settings; use a "
-            "new directory or delete it to start over."
-        )
-    model = keras.saving.load_model(os.path.join(directory, _CHECKPOINT_MODEL))
-    return model, progress
-
-
 def _zip_layers(
     plan: graph.Plan,
     task_names: list[str],
@@ -291,6 +238,17 @@ def _zip_layers(
         if save:
             save(model, index + 1)
     return model
+
+
+def _restored_states(model: keras.Model, plan: graph.Plan, directory: str) -> list:
+    """The layer states of a checkpointed zipped model, checked against ``plan``."""
+    try:
+        return stack.read_states(model, plan)
+    except (ValueError, KeyError, IndexError, AttributeError) as error:
+        raise ValueError(
+            f"The checkpoint in {directory!r} does not hold a zip of these models' "
+            f"architecture ({error}); delete it to start over."
+        ) from None
 
 
 def _check_options(matching, criterion, merge, hessian, batch_norm) -> None:
@@ -392,6 +350,10 @@ def zip_models(
     calibration = _calibration_inputs(calibration, plan, task_names)
     _check_side_data(evaluation, retrain, task_names)
     hidden = plan.hidden_units
+    store = None
+    if checkpoint_dir is not None:
+        store = checkpoint.ZipCheckpoint(checkpoint_dir, len(hidden), task_names, verbose)
+        store.prepare()
     widths = [min(plans[t].hidden_units[i].units for t in task_names) for i in range(len(hidden))]
     allocation_info = None
     if isinstance(share, allocation.ShareBudget):
@@ -402,8 +364,6 @@ def zip_models(
             print(f"Share allocation for {share}: per-layer counts {shares}")
     else:
         shares = resolve_shares(share, hidden, widths)
-    fingerprint = _fingerprint(models, shares, dict(config, batch_norm=batch_norm), seed)
-
     report = ZipReport(
         tasks=task_names,
         matching=matching,
@@ -413,19 +373,19 @@ def zip_models(
     )
     states = stack.separate_states(plans, models, batch_norm)
     start, resumed, save = 0, None, None
-    if checkpoint_dir:
-        restored = _read_checkpoint(checkpoint_dir, fingerprint)
+    if store is not None:
+        options = dict(config, batch_norm=batch_norm)
+        restored = store.restore(
+            checkpoint.fingerprint(models, shares, options, calibration, retrain)
+        )
         if restored is not None:
             restored_model, progress = restored
-            resumed = stack.read_states(restored_model, plan)
+            resumed = _restored_states(restored_model, plan, store.directory)
             report = ZipReport.from_dict(progress["report"])
             start = progress["completed_layers"]
-            if verbose:
-                print(f"Resuming from {checkpoint_dir!r}: {start} layer(s) already zipped.")
 
         def save(model, completed):
-            progress = {"fingerprint": fingerprint, "completed_layers": completed}
-            _write_checkpoint(checkpoint_dir, model, dict(progress, report=report.to_dict()))
+            store.save(model, completed, report.to_dict())
 
     if evaluation is not None and start == 0:
         report.accuracy_original = task_accuracies(

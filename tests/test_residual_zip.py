@@ -1,6 +1,5 @@
 """Zipping residual networks: coupled channel groups through Add, one matching per stream."""
 
-import json
 
 import keras
 import numpy as np
@@ -221,8 +220,7 @@ def test_residual_zip_resumes_from_checkpoint(resnet8, images, fashion, tmp_path
             checkpoint_dir=checkpoint,
             verbose=0,
         )
-    with open(f"{checkpoint}/progress.json") as f:
-        assert json.load(f)["completed_layers"] == 5
+    assert mtz_tf.checkpoint.read_progress(checkpoint)["completed_layers"] == 5
     resumed, resumed_report = mtz_tf.zip_models(
         pair, calibration, share=0.5, retrain=retrain(), checkpoint_dir=checkpoint, verbose=0
     )

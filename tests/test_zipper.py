@@ -97,8 +97,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(
             checkpoint_dir=checkpoint,
             verbose=0,
         )
-    progress = json.load(open(f"{checkpoint}/progress.json"))
-    assert progress["completed_layers"] == 1
+    assert mtz_tf.checkpoint.read_progress(checkpoint)["completed_layers"] == 1
     resumed, resumed_report = mtz_tf.zip_models(
         models_, calib, retrain=_retrain(fashion), checkpoint_dir=checkpoint, verbose=0
     )
