@@ -59,6 +59,46 @@ def max_abs_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 
+FLOAT32_TOLERANCE = 1e-4
+"""Default of :func:`assert_close`: float32 results of the same maths computed two ways
+(another kernel order, another CPU's oneDNN code path) differ by a few ulps of the
+largest magnitude involved, accumulated over a network's depth; real defects show up as
+differences of order 1e-2 to 1 of that scale."""
+
+
+def assert_close(actual, expected, tol: float = FLOAT32_TOLERANCE, what: str = "") -> None:
+    """Asserts max |actual - expected| <= tol * max(1, max |expected|).
+
+    The tolerance scales with the magnitude of ``expected`` (logits of order 10 get ten
+    times the slack of probabilities), never below ``tol`` in absolute terms. Arrays,
+    tensors, and dicts or lists of them (multi-task outputs) are compared leaf by leaf, with
+    the same keys and shapes required.
+    """
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and set(actual) == set(expected), (
+            f"{what}: keys {sorted(actual)} != {sorted(expected)}"
+        )
+        for key in expected:
+            assert_close(actual[key], expected[key], tol, f"{what}[{key!r}]")
+        return
+    if isinstance(expected, (list, tuple)) and not np.isscalar(expected[0]):
+        assert len(actual) == len(expected), f"{what}: {len(actual)} != {len(expected)} items"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_close(a, e, tol, f"{what}[{i}]")
+        return
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    if a.size == 0:
+        return
+    scale = max(1.0, float(np.max(np.abs(e))))
+    difference = float(np.max(np.abs(a - e)))
+    assert difference <= tol * scale, (
+        f"{what or 'values'} differ by up to {difference:.3g}; allowed {tol:g} x scale "
+        f"{scale:.3g} = {tol * scale:.3g}"
+    )
+
+
 class InterruptAtTraining(keras.callbacks.Callback):
     """Raises KeyboardInterrupt when the ``n``-th retraining of a zip begins (a simulated
     interruption, to test resuming from a checkpoint)."""

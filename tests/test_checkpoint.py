@@ -218,9 +218,7 @@ def _diverging(samples, steps):
 def test_diverging_retraining_with_one_hidden_layer_is_caught(samples):
     pair = {"a": _mlp(1, hidden=(16,)), "b": _mlp(2, hidden=(16,))}
     with pytest.raises(mtz_tf.RetrainingDivergedError, match="after layer 'h0' diverged") as info:
-        mtz_tf.zip_models(
-            pair, _calibration(samples), retrain=_diverging(samples, 5), verbose=0
-        )
+        mtz_tf.zip_models(pair, _calibration(samples), retrain=_diverging(samples, 5), verbose=0)
     assert info.value.layer == "h0" and 0 <= info.value.step < 5
 
 

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import max_abs_diff
+from conftest import assert_close
 
 import mtz_tf
 from mtz_tf import data, layer_zip, models, training
@@ -43,8 +43,8 @@ def test_lenet5_permutation_recovery(lenet5_models, small, fashion, hessian):
         {"a": model, "b": permuted}, {"a": calib, "b": calib}, hessian=hessian, verbose=0
     )
     x = fashion[2][:200]
-    assert max_abs_diff(zipped(x)["a"], model(x)) < 1e-5
-    assert max_abs_diff(zipped(x)["b"], model(x)) < 1e-5
+    assert_close(zipped(x)["a"], model(x))
+    assert_close(zipped(x)["b"], model(x))
     assert all(layer.merge_cost < 1e-6 for layer in report.layers)
 
 
@@ -58,13 +58,13 @@ def test_vgg16_with_batch_norm_permutation_recovery(vgg, small, fashion, batch_n
         verbose=0,
     )
     x = fashion[2][:100]
-    assert max_abs_diff(zipped(x)["a"], vgg(x)) < 1e-5
-    assert max_abs_diff(zipped(x)["b"], vgg(x)) < 1e-5
+    assert_close(zipped(x)["a"], vgg(x))
+    assert_close(zipped(x)["b"], vgg(x))
     conv_layers = [layer for layer in zipped.layers if isinstance(layer, mtz_tf.ZippedConv2D)]
     # Folded BN: fully shared layers are computed once; per-task BN keeps outputs per task.
     assert all(layer.common_output == (batch_norm == "fold") for layer in conv_layers)
     single = mtz_tf.stack.task_model(zipped, "b")
-    assert max_abs_diff(single(x), zipped(x)["b"]) < 1e-5
+    assert_close(single(x), zipped(x)["b"])
 
 
 def explicit_patches(x, kh, kw, stride, padding):

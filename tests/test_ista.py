@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_close
 
 from mtz_tf import models
 from mtz_tf.compress import bn_graph, flops, ista, l1_filter_pruning
@@ -105,8 +106,8 @@ def test_ista_sgd_step_is_exact_and_momentum_free():
         reference_gamma = np.sign(z) * np.maximum(np.abs(z) - lr * rho * lam, 0.0)
         velocity = momentum * velocity - lr * g_kernel
         reference_kernel = reference_kernel + velocity
-        np.testing.assert_allclose(gamma.numpy(), reference_gamma, atol=1e-6)
-        np.testing.assert_allclose(kernel.numpy(), reference_kernel, atol=1e-5)
+        assert_close(gamma.numpy(), reference_gamma, tol=1e-5)
+        assert_close(kernel.numpy(), reference_kernel, tol=1e-5)
     assert np.count_nonzero(gamma.numpy() == 0.0) >= 1
 
 
@@ -125,7 +126,7 @@ def test_ista_sgd_under_model_fit_matches_gradient_tape(tmp_path):
     expected = np.sign(z) * np.maximum(np.abs(z) - lr * rho * lam, 0.0)
     model.compile(optimizer=ista.ISTASGD({"fc1_bn": lam}, rho, learning_rate=lr), loss=loss_fn)
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    np.testing.assert_allclose(gamma.numpy(), expected, atol=1e-6)
+    assert_close(gamma.numpy(), expected, tol=1e-5)
     path = str(tmp_path / "compiled.keras")  # the optimizer is serialisable with the model
     model.save(path)
     loaded = keras.models.load_model(path)
@@ -202,7 +203,7 @@ def test_remove_zero_channels_exact_through_pooling_and_flatten(tmp_path):
     before = [w.copy() for w in model.get_weights()]
     x = _inputs((12, 12, 3))
     pruned = ista.remove_zero_channels(model)
-    np.testing.assert_allclose(pruned.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    assert_close(pruned.predict(x, verbose=0), model.predict(x, verbose=0))
     for old, new in zip(before, model.get_weights(), strict=True):
         np.testing.assert_array_equal(old, new)  # input model untouched
     assert pruned.get_layer("conv1").filters == 4
@@ -218,7 +219,7 @@ def test_remove_zero_channels_exact_through_pooling_and_flatten(tmp_path):
     path = str(tmp_path / "pruned.keras")
     pruned.save(path)
     loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    assert_close(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
 def test_remove_zero_channels_exact_through_resnet_add():
@@ -251,7 +252,7 @@ def test_remove_zero_channels_exact_through_resnet_add():
     _set(model, "stage2_block1_proj_bn", "gamma", [3], 0.0)
     x = _inputs((16, 16, 1))
     pruned = ista.remove_zero_channels(model)
-    np.testing.assert_allclose(pruned.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    assert_close(pruned.predict(x, verbose=0), model.predict(x, verbose=0))
     for name in ["stage3_block1_conv2", "stage3_block1_proj_conv", "stage3_block3_conv2"]:
         assert pruned.get_layer(name).filters == 32 - 2
     assert pruned.get_layer("stage3_block1_conv1").filters == 32
@@ -261,8 +262,8 @@ def test_remove_zero_channels_exact_through_resnet_add():
     assert pruned.get_layer("fc").kernel.shape == (30, 10)
     # The 0.6 constant went into the classifier's bias.
     shift = 0.6 * model.get_layer("fc").kernel.numpy()[channels].sum(axis=0)
-    np.testing.assert_allclose(
-        pruned.get_layer("fc").bias.numpy(), model.get_layer("fc").bias.numpy() + shift, atol=1e-6
+    assert_close(
+        pruned.get_layer("fc").bias.numpy(), model.get_layer("fc").bias.numpy() + shift, tol=1e-5
     )
     assert pruned.count_params() < model.count_params()
 
@@ -277,7 +278,7 @@ def test_remove_zero_channels_vgg16_conv_to_dense_boundary():
     _set(model, "bn3", "beta", [2], -1.0)  # ReLU(beta) = 0: nothing to absorb, exact
     x = _inputs((28, 28, 1))
     pruned = ista.remove_zero_channels(model)
-    np.testing.assert_allclose(pruned.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    assert_close(pruned.predict(x, verbose=0), model.predict(x, verbose=0))
     assert pruned.get_layer("conv13").filters == 64 - 3
     assert pruned.get_layer("fc1").kernel.shape == (61, 62)
     assert pruned.get_layer("conv3").filters == 15
@@ -292,13 +293,15 @@ def test_same_padding_border_effect_is_confined_to_the_border():
     _set(model, "conv1_bn", "gamma", [1], 0.0)
     x = _inputs((9, 9, 2))
     pruned = ista.remove_zero_channels(model)
-    diff = np.abs(pruned.predict(x, verbose=0) - model.predict(x, verbose=0))
-    np.testing.assert_allclose(diff[:, 1:-1, 1:-1], 0.0, atol=1e-5)
+    expected = model.predict(x, verbose=0)
+    got = pruned.predict(x, verbose=0)
+    assert_close(got[:, 1:-1, 1:-1], expected[:, 1:-1, 1:-1])
+    diff = np.abs(got - expected)
     assert diff[:, 0].max() > 1e-3  # zero padding never carried the constant
     # "mean" absorption: the per-channel error averages to zero over output positions.
     mean_pruned = ista.remove_zero_channels(model, absorption="mean")
-    error = mean_pruned.predict(x, verbose=0) - model.predict(x, verbose=0)  # (n, 9, 9, 3)
-    np.testing.assert_allclose(error.mean(axis=(1, 2)), 0.0, atol=1e-5)
+    error = mean_pruned.predict(x, verbose=0) - expected  # (n, 9, 9, 3)
+    assert_close(mean_pruned.predict(x, verbose=0).mean(axis=(1, 2)), expected.mean(axis=(1, 2)))
     assert np.abs(error[:, 1:-1, 1:-1]).max() > 1e-4  # no longer exact inside
     with pytest.raises(ValueError, match="`absorption` must be one of"):
         ista.remove_zero_channels(model, absorption="border")
@@ -326,7 +329,7 @@ def test_all_zero_group_keeps_one_channel_and_nothing_zero_changes_nothing():
     pruned = ista.remove_zero_channels(model)
     assert pruned.get_layer("conv2").filters == 1
     x = _inputs((12, 12, 3))
-    np.testing.assert_allclose(pruned.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    assert_close(pruned.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
 # --- gamma-W rescaling -----------------------------------------------------------------
@@ -341,14 +344,14 @@ def test_rescale_gamma_preserves_function(builder):
     _randomize_bn(model)
     x = _inputs(shape)
     scaled = ista.rescale_gamma(model, 0.01)
-    np.testing.assert_allclose(scaled.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-4)
+    assert_close(scaled.predict(x, verbose=0), model.predict(x, verbose=0))
     bn = model.layers[2].name
     np.testing.assert_allclose(
         scaled.get_layer(bn).gamma.numpy(), 0.01 * model.get_layer(bn).gamma.numpy(), rtol=1e-6
     )
     back = ista.rescale_gamma(scaled, 100.0)
     for a, b in zip(back.get_weights(), model.get_weights(), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert_close(a, b, tol=1e-5)
 
 
 def test_rescale_gamma_errors():
@@ -410,10 +413,9 @@ def test_ista_prune_removes_channels_and_round_trips(tmp_path):
     path = str(tmp_path / "ista.keras")
     pruned.save(path)
     x_test = x[:8]
-    np.testing.assert_allclose(
+    assert_close(
         keras.models.load_model(path).predict(x_test, verbose=0),
         pruned.predict(x_test, verbose=0),
-        atol=1e-5,
     )
 
 
@@ -441,6 +443,6 @@ def test_recalibrate_batchnorm_sets_exact_batch_statistics():
     x = _inputs((5,), n=64)
     pre = model.get_layer("fc1")(x).numpy()  # the BatchNorm's input
     ista.recalibrate_batchnorm(model, x, examples=64)
-    np.testing.assert_allclose(bn.moving_mean.numpy(), pre.mean(axis=0), atol=1e-5)
+    assert_close(bn.moving_mean.numpy(), pre.mean(axis=0), tol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.numpy(), pre.var(axis=0), rtol=1e-4)
     assert bn.momentum == 0.99  # restored

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from conftest import assert_close
 
 from mtz_tf import ZippedDense
 
@@ -36,7 +37,7 @@ def test_common_input_formula_and_shapes():
     assert out_a.shape == (3, 4) and out_b.shape == (3, 5)
     shared = np.maximum(x @ layer.shared_kernel.numpy() + layer.shared_bias.numpy(), 0)
     spec_b = np.maximum(x @ layer.task_kernels[1].numpy() + layer.task_biases[1].numpy(), 0)
-    np.testing.assert_allclose(out_b, np.hstack([shared, spec_b]), rtol=1e-5, atol=1e-6)
+    assert_close(out_b, np.hstack([shared, spec_b]), tol=1e-5)
     # Weights: shared (6x3 + 3), cross (0x3 each), specific (6x1 + 1, 6x2 + 2).
     assert layer.parameter_counts() == (21, 7 + 14)
     assert sum(int(np.prod(w.shape)) for w in layer.weights) == 21 + 21
@@ -52,7 +53,7 @@ def test_specific_inputs_feed_shared_neurons_per_task():
         v.assign(rng.normal(size=v.shape))
     out_a, out_b = layer([x_a, x_b])
     pre = x_b[:, :2] @ layer.shared_kernel.numpy() + x_b[:, 2:] @ layer.cross_kernels[1].numpy()
-    np.testing.assert_allclose(out_b[:, :3], np.tanh(pre + layer.shared_bias.numpy()), atol=1e-5)
+    assert_close(out_b[:, :3], np.tanh(pre + layer.shared_bias.numpy()), tol=1e-5)
 
 
 def test_fully_shared_common_layer_returns_one_tensor():

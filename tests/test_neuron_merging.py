@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from conftest import assert_close
 
 from mtz_tf import data, models, torch_weights, training
 from mtz_tf.compress import criteria
@@ -76,7 +77,7 @@ def test_dense_duplicate_merges_without_changing_outputs():
     merged, report = nm.compress(model, 1 / 6, threshold=0.99, return_report=True)
     assert merged.get_layer("hidden").units == 5
     assert report[0].merged == 1 and report[0].kept == 5
-    np.testing.assert_allclose(_predict(merged, x), _predict(model, x), rtol=1e-5, atol=1e-5)
+    assert_close(_predict(merged, x), _predict(model, x))
     pruned = nm.compress(model, 1 / 6, merge=False)
     assert not np.allclose(_predict(pruned, x), _predict(model, x), atol=1e-3)
 
@@ -98,7 +99,7 @@ def test_conv_flatten_duplicate_merges_without_changing_outputs():
     assert merged.get_layer("c1").filters == 3
     assert merged.get_layer("fc").kernel.shape == (2 * 2 * 3, 3)
     x = _x((6, 6, 2))
-    np.testing.assert_allclose(_predict(merged, x), _predict(model, x), rtol=1e-5, atol=1e-5)
+    assert_close(_predict(merged, x), _predict(model, x))
 
 
 def _duplicate_bn_channel(model, i, j, s, epsilon):
@@ -127,7 +128,7 @@ def test_bn_duplicate_is_exact_with_the_exact_scale_and_not_with_the_reference_o
         model, ratio, criterion="l2-norm", scale="exact", threshold=0.99, return_report=True
     )
     assert report[0].merged == 1 and report[0].batch_norm == "bn1"
-    np.testing.assert_allclose(_predict(exact, x), _predict(model, x), rtol=1e-4, atol=1e-4)
+    assert_close(_predict(exact, x), _predict(model, x))
     reference = nm.compress(model, ratio, criterion="l2-norm", scale="reference", threshold=0.99)
     assert not np.allclose(_predict(reference, x), _predict(model, x), atol=1e-3)
 
@@ -258,7 +259,7 @@ def test_prune_only_equals_ignoring_the_removed_channels():
         previous = keep
         removed = np.setdiff1d(np.arange(n), keep)
         expected = _zero_inputs(expected, consumer, removed, positions)
-    np.testing.assert_allclose(_predict(pruned, x), _predict(expected, x), rtol=1e-5, atol=1e-5)
+    assert_close(_predict(pruned, x), _predict(expected, x))
     assert pruned.count_params() < model.count_params()
 
 
@@ -286,7 +287,7 @@ def test_residual_blocks_prune_only_the_inner_conv():
         assert pruned.get_layer(name).filters == len(keep)
         consumer = name.replace("conv1", "conv2")
         expected = _zero_inputs(expected, consumer, np.setdiff1d(np.arange(n), keep))
-    np.testing.assert_allclose(_predict(pruned, x), _predict(expected, x), rtol=1e-4, atol=1e-4)
+    assert_close(_predict(pruned, x), _predict(expected, x))
     merged = nm.compress(model, 0.5)  # The BN variant runs through the residual graph too.
     assert merged.count_params() == pruned.count_params() < model.count_params()
 

@@ -1,10 +1,9 @@
 """Zipping residual networks: coupled channel groups through Add, one matching per stream."""
 
-
 import keras
 import numpy as np
 import pytest
-from conftest import InterruptAtTraining, max_abs_diff
+from conftest import InterruptAtTraining, assert_close, max_abs_diff
 
 import mtz_tf
 from mtz_tf import data, models
@@ -54,10 +53,10 @@ def zipped_pair(resnet, images):
 def test_resnet20_permutation_recovery(resnet, images, zipped_pair):
     x = images[0]
     permuted, (zipped, report) = zipped_pair
-    assert max_abs_diff(permuted(x), resnet(x)) < 1e-5
+    assert_close(permuted(x), resnet(x))
     outputs = zipped(x)
-    assert max_abs_diff(outputs["a"], resnet(x)) < 1e-5
-    assert max_abs_diff(outputs["b"], resnet(x)) < 1e-5
+    assert_close(outputs["a"], resnet(x))
+    assert_close(outputs["b"], resnet(x))
     assert all(layer.merge_cost < 1e-8 for layer in report.layers)
     assert len(report.coupled_groups) == 3 and len(report.layers) == 21
 
@@ -73,8 +72,8 @@ def test_resnet_permutation_recovery_with_folded_batch_norm(resnet8, images, hes
         hessian=hessian,
         verbose=0,
     )
-    assert max_abs_diff(zipped(x)["a"], resnet8(x)) < 1e-5
-    assert max_abs_diff(zipped(x)["b"], resnet8(x)) < 1e-5
+    assert_close(zipped(x)["a"], resnet8(x))
+    assert_close(zipped(x)["b"], resnet8(x))
     # Folded and fully shared: one trunk computed once, a head per task.
     assert all(layer.common_output for layer in mtz_tf.stack.zipped_layers(zipped)[:-1])
 
@@ -85,7 +84,7 @@ def test_three_resnets_zip_into_one(resnet8, images):
     tasks = {"a": base, "b": models.permute_hidden(base, 1), "c": models.permute_hidden(base, 2)}
     zipped, report = mtz_tf.zip_models(tasks, {t: calib for t in tasks}, verbose=0)
     for task in tasks:
-        assert max_abs_diff(zipped(x)[task], base(x)) < 1e-5
+        assert_close(zipped(x)[task], base(x))
     # Everything but the heads and the per-task BatchNorms is stored once.
     heads = 3 * base.get_layer("fc").count_params()
     trunk = base.count_params() - base.get_layer("fc").count_params()
@@ -112,8 +111,8 @@ def test_partial_share_keeps_streams_consistent(resnet8, images):
     unshared, _ = mtz_tf.zip_models(
         {"a": resnet, "b": other}, {"a": calib, "b": calib}, share=0.0, verbose=0
     )
-    assert max_abs_diff(unshared(x)["a"], resnet(x)) < 1e-5
-    assert max_abs_diff(unshared(x)["b"], other(x)) < 1e-5
+    assert_close(unshared(x)["a"], resnet(x))
+    assert_close(unshared(x)["b"], other(x))
 
 
 def test_adding_a_permuted_copy_to_a_zipped_resnet_from_disk(resnet8, images, tmp_path):
@@ -128,7 +127,7 @@ def test_adding_a_permuted_copy_to_a_zipped_resnet_from_disk(resnet8, images, tm
     joined, report = mtz_tf.add_task(loaded, "c", third, {t: calib for t in "abc"}, verbose=0)
     # Every stream's matching recovers the newcomer's permutation: all three equal the base.
     for task in "abc":
-        assert max_abs_diff(joined(x)[task], resnet8(x)) < 1e-5
+        assert_close(joined(x)[task], resnet8(x))
     assert all(layer.merge_cost < 1e-8 for layer in report.layers)
     assert len(report.coupled_groups) == 3
     assert all(np.array_equal(b, a) for b, a in zip(before, loaded.get_weights()))
@@ -165,12 +164,12 @@ def test_adding_a_task_to_a_partially_zipped_resnet(resnet8, images):
     # A task's plain model follows the residual graph and computes exactly its output.
     plain = mtz_tf.stack.task_model(joined, "c")
     assert not any(isinstance(layer, mtz_tf.layers.ZippedConv2D) for layer in plain.layers)
-    assert max_abs_diff(plain(x), outputs["c"]) < 1e-5
+    assert_close(plain(x), outputs["c"])
     # Nothing shared: the newcomer sits beside the others with its own outputs.
     unshared, _ = mtz_tf.zip_models({"a": resnet8, "b": other}, pair, share=0.0, verbose=0)
     side_by_side, _ = mtz_tf.add_task(unshared, "c", newcomer, calibration, verbose=0)
-    assert max_abs_diff(side_by_side(x)["c"], newcomer(x)) < 1e-5
-    assert max_abs_diff(side_by_side(x)["a"], resnet8(x)) < 1e-5
+    assert_close(side_by_side(x)["c"], newcomer(x))
+    assert_close(side_by_side(x)["a"], resnet8(x))
 
 
 def test_share_budget_gives_each_stream_one_count(resnet8, images):
@@ -225,7 +224,7 @@ def test_residual_zip_resumes_from_checkpoint(resnet8, images, fashion, tmp_path
         pair, calibration, share=0.5, retrain=retrain(), checkpoint_dir=checkpoint, verbose=0
     )
     for a, b in zip(full.weights, resumed.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+        assert_close(a.numpy(), b.numpy(), tol=1e-5)
     assert resumed_report.retrain_steps == full_report.retrain_steps == 6
     assert [r.shared for r in resumed_report.layers] == [r.shared for r in full_report.layers]
 

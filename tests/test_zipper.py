@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import InterruptAtTraining, max_abs_diff
+from conftest import InterruptAtTraining, assert_close
 
 import mtz_tf
 from mtz_tf import data, models
@@ -20,8 +20,8 @@ def test_zipping_a_model_with_its_permutation_recovers_it(lenet_a, calibration, 
     x = fashion[2][:300]
     outputs = zipped(x)
     expected = lenet_a(x)
-    assert max_abs_diff(outputs["a"], expected) < 1e-5
-    assert max_abs_diff(outputs["b"], expected) < 1e-5
+    assert_close(outputs["a"], expected)
+    assert_close(outputs["b"], expected)
     assert all(layer.merge_cost < 1e-8 for layer in report.layers)
     # Fully shared hidden layers are computed once: one tensor leaves the last hidden layer.
     hidden = [layer for layer in zipped.layers if isinstance(layer, mtz_tf.ZippedDense)][:-1]
@@ -33,8 +33,8 @@ def test_share_zero_leaves_every_task_unchanged(lenet_a, lenet_b, calibration, f
         {"a": lenet_a, "b": lenet_b}, {"a": calibration, "b": calibration}, share=0.0, verbose=0
     )
     x = fashion[2][:300]
-    assert max_abs_diff(zipped(x)["a"], lenet_a(x)) < 1e-5
-    assert max_abs_diff(zipped(x)["b"], lenet_b(x)) < 1e-5
+    assert_close(zipped(x)["a"], lenet_a(x))
+    assert_close(zipped(x)["b"], lenet_b(x))
     assert report.parameters["total"] == report.parameters["input_models"]
 
 
@@ -102,7 +102,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(
         models_, calib, retrain=_retrain(fashion), checkpoint_dir=checkpoint, verbose=0
     )
     for a, b in zip(_weights(full), _weights(resumed)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+        assert_close(a, b, tol=1e-5)
     assert resumed_report.retrain_steps == full_report.retrain_steps == 60
     with pytest.raises(ValueError, match="holds a zip of other models"):
         mtz_tf.zip_models(models_, calib, share=0.5, checkpoint_dir=checkpoint, verbose=0)
@@ -135,7 +135,7 @@ def test_mirrored_strategy_gives_the_same_result(lenet_a, lenet_b, calibration, 
             models_, calib, retrain=_retrain(fashion, steps=20), verbose=0
         )
     for a, b in zip(_weights(plain), _weights(mirrored)):
-        np.testing.assert_allclose(a, b, atol=2e-5)
+        assert_close(a, b, tol=2e-5)
     for p, m in zip(plain_report.layers, mirrored_report.layers):
         np.testing.assert_allclose(p.merge_cost, m.merge_cost, rtol=1e-6)
 
@@ -233,7 +233,7 @@ def test_task_model_computes_one_task_exactly(lenet_a, lenet_b, calibration, fas
     for task in ("a", "b"):
         single = mtz_tf.stack.task_model(zipped, task)
         assert not any(isinstance(layer, mtz_tf.ZippedDense) for layer in single.layers)
-        assert max_abs_diff(single(x), zipped(x)[task]) < 1e-5
+        assert_close(single(x), zipped(x)[task])
     with pytest.raises(ValueError, match="Unknown task 'c'"):
         mtz_tf.stack.task_model(zipped, "c")
 
@@ -297,7 +297,7 @@ def test_multi_head_model_then_neuron_merging(lenet_a, lenet_b, calibration, fas
     assert not any(isinstance(layer, mtz_tf.ZippedDense) for layer in plain.layers)
     x = fashion[2][:100]
     for task in ("a", "b"):
-        assert max_abs_diff(plain(x)[task], zipped(x)[task]) < 1e-5
+        assert_close(plain(x)[task], zipped(x)[task])
     smaller = mtz_tf.compress.merge_neurons(plain, 0.5)
     hidden = [layer.units for layer in smaller.layers if isinstance(layer, keras.layers.Dense)]
     assert hidden[:2] == [150, 50] and set(smaller(x)) == {"a", "b"}
