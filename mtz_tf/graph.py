@@ -22,25 +22,9 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
 
-ELEMENTWISE_ACTIVATIONS = frozenset(
-    {
-        "linear",
-        "relu",
-        "relu6",
-        "leaky_relu",
-        "elu",
-        "selu",
-        "gelu",
-        "silu",
-        "swish",
-        "tanh",
-        "sigmoid",
-        "hard_sigmoid",
-        "softplus",
-        "softsign",
-        "mish",
-    }
-)
+from mtz_tf import activations
+
+ELEMENTWISE_ACTIVATIONS = activations.ELEMENTWISE
 """Activations that act on each unit alone, so units can be permuted and merged freely."""
 
 _PASS_THROUGH_TYPES = (
@@ -73,8 +57,12 @@ class Unit:
         kind: str, ``"Dense"`` or ``"Conv2D"``.
         units: int, number of neurons (units or filters).
         use_bias: bool, whether the weighted layer has a bias.
-        activation: str, the element-wise activation applied after it (and after its BN).
+        activation: str, the element-wise activation applied after it (and after its BN),
+            as :func:`mtz_tf.activations.identify` names it (a built-in's name, or a
+            registered custom function's ``"package>name"``): equal names mean the same
+            function.
         batch_norm: str or None, the name of the ``BatchNormalization`` layer right after it.
+        batch_norm_epsilon: float or None, that BatchNorm's epsilon.
         conv: tuple or None, ``(kernel_size, strides, padding)`` of a ``Conv2D``.
         input_group: int, rows of the kernel per input channel: H·W of the feature map a
             ``Flatten`` turned into this Dense layer's input, else 1.
@@ -88,6 +76,7 @@ class Unit:
     use_bias: bool
     activation: str
     batch_norm: str | None = None
+    batch_norm_epsilon: float | None = None
     conv: tuple | None = None
     input_group: int = 1
     inputs: tuple = (MODEL_INPUT,)
@@ -177,16 +166,11 @@ class Plan:
         return all(s.inputs == (i - 1 if i else MODEL_INPUT,) for i, s in enumerate(self.steps))
 
     def signature(self) -> tuple:
-        """What two models must share to be zipped: input shape, step kinds, wiring, shapes."""
-
-        def describe(s):
-            if isinstance(s, Unit):
-                return (s.kind, s.activation, s.batch_norm is not None, s.conv, s.input_group)
-            return (s.kind, s.config.get("activation")) if s.kind == "Activation" else (s.kind,)
-
+        """What two models must share to be zipped: input shape, wiring, and every step's
+        :func:`step_function` (widths may differ)."""
         return (
             self.input_shape,
-            tuple(describe(s) + (s.inputs,) for s in self.steps),
+            tuple(step_function(s) + (("inputs", s.inputs),) for s in self.steps),
             tuple(len(g.members) for g in self.coupled_groups),
         )
 
@@ -261,11 +245,68 @@ class Plan:
         return next(g for g, members in enumerate(groups) if source_unit in members)
 
 
-def _activation_name(activation) -> str:
-    name = keras.activations.serialize(activation)
-    if isinstance(name, dict):
-        name = name.get("config", {}).get("name") or name.get("class_name", repr(name))
-    return str(name)
+_FUNCTION_KEYS = {
+    "MaxPooling2D": ("pool_size", "strides", "padding", "data_format"),
+    "AveragePooling2D": ("pool_size", "strides", "padding", "data_format"),
+    "GlobalAveragePooling2D": ("data_format", "keepdims"),
+    "GlobalMaxPooling2D": ("data_format", "keepdims"),
+    "Flatten": ("data_format",),
+    "Dropout": (),  # the rate has no effect at inference; retraining uses the first model's
+}
+"""The config entries that define what each pass-through layer type computes."""
+
+
+def _hashable(value):
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def step_function(step) -> tuple:
+    """``(property, value)`` pairs that define the function a step computes, widths aside.
+
+    A unit: layer type, activation (by identity, :mod:`mtz_tf.activations`), use_bias,
+    kernel size, strides and padding, whether a BatchNorm follows and its epsilon, and the
+    flattened positions per input channel. A pass-through layer: its type, and its
+    activation or the entries of :data:`_FUNCTION_KEYS` (pool size, strides, padding, data
+    format). A merge: its type (a ``Concatenate`` is always on the channel axis).
+    """
+    if isinstance(step, Unit):
+        properties = [
+            ("layer type", step.kind),
+            ("activation", step.activation),
+            ("use_bias", step.use_bias),
+        ]
+        if step.conv is not None:
+            properties += list(zip(("kernel_size", "strides", "padding"), step.conv))
+        properties.append(("BatchNormalization after it", step.batch_norm is not None))
+        if step.batch_norm is not None:
+            properties.append(("BatchNormalization epsilon", step.batch_norm_epsilon))
+        return tuple(properties) + (("flattened positions per channel", step.input_group),)
+    if step.kind == "Activation":
+        return (
+            ("layer type", step.kind),
+            ("activation", activations.label(step.config["activation"])),
+        )
+    keys = _FUNCTION_KEYS.get(step.kind, ())
+    return (("layer type", step.kind),) + tuple((k, _hashable(step.config.get(k))) for k in keys)
+
+
+def first_difference(reference: Plan, other: Plan) -> str | None:
+    """Where ``other`` computes something else than ``reference`` (widths aside), as a
+    phrase naming the layer, the property and both values; None when they agree."""
+    if reference.input_shape != other.input_shape:
+        return f"in input shape: {other.input_shape} vs {reference.input_shape}"
+    if len(other.steps) != len(reference.steps):
+        return (
+            f"in depth: {len(other.steps)} vs {len(reference.steps)} steps (layers, with "
+            "BatchNorm and activations counted with their Dense/Conv2D layer)"
+        )
+    for mine, theirs in zip(reference.steps, other.steps):
+        if mine.inputs != theirs.inputs:
+            return f"at layer {theirs.name!r}: it reads other layers than {mine.name!r} does"
+        for (key, a), (_, b) in zip(step_function(mine), step_function(theirs)):
+            if a != b:
+                return f"at layer {theirs.name!r}: {key} {b!r} vs {a!r} (layer {mine.name!r})"
+    return None
 
 
 def _trace_back(steps: list, index: int):
@@ -280,7 +321,7 @@ def _trace_back(steps: list, index: int):
 
 def _unit(layer, steps: list, source: int) -> Unit:
     """Builds the :class:`Unit` of a Dense or Conv2D layer reading step ``source``."""
-    activation = _activation_name(layer.activation)
+    activation = activations.canonical(layer.activation, layer.name)
     before, kinds = _trace_back(steps, source)
     seen_dense = any(isinstance(s, Unit) and s.kind == "Dense" for s in steps[: source + 1])
     if isinstance(layer, keras.layers.Dense):
@@ -481,11 +522,19 @@ def read_plan(model: keras.Model) -> Plan:
                 raise ValueError(
                     f"BatchNormalization layer {layer.name!r} must have scale=True and center=True."
                 )
-            steps[source] = dataclasses.replace(last, batch_norm=layer.name)
+            axis = layer.axis if isinstance(layer.axis, int) else tuple(layer.axis)
+            if axis not in (-1, len(layer.input.shape) - 1, (len(layer.input.shape) - 1,)):
+                raise ValueError(
+                    f"BatchNormalization layer {layer.name!r} normalizes axis {layer.axis}; "
+                    "zipping needs per-channel BatchNorm on the last (channel) axis, axis=-1."
+                )
+            steps[source] = dataclasses.replace(
+                last, batch_norm=layer.name, batch_norm_epsilon=float(layer.epsilon)
+            )
             index = source
         elif isinstance(layer, (keras.layers.Activation, keras.layers.ReLU)):
             activation = (
-                _activation_name(layer.activation)
+                activations.canonical(layer.activation, layer.name)
                 if isinstance(layer, keras.layers.Activation)
                 else "relu"
             )
@@ -497,12 +546,12 @@ def read_plan(model: keras.Model) -> Plan:
                     "only the plain ReLU layer is supported (use activation=... instead)."
                 )
             if source != MODEL_INPUT and isinstance(steps[source], Merge):
-                if activation not in ELEMENTWISE_ACTIVATIONS:
+                if not activations.is_elementwise(activation):
                     raise ValueError(
                         f"Activation layer {layer.name!r} after {steps[source].name!r} uses "
                         f"{activation!r}, which does not act on each channel alone."
                     )
-                config = {"name": layer.name, "activation": activation}
+                config = {"name": layer.name, "activation": activations.resolve(activation)}
                 steps.append(PassThrough(layer.name, "Activation", config, (source,)))
             else:
                 last = _fold_check(layer, steps, source, uses, "Activation")
@@ -547,10 +596,11 @@ def _check_plan(model: keras.Model, plan: Plan, producer: dict) -> None:
             f"layer ({units[-1].name!r}) and its activation."
         )
     for unit in plan.hidden_units:
-        if unit.activation not in ELEMENTWISE_ACTIVATIONS:
+        if not activations.is_elementwise(unit.activation):
             raise ValueError(
                 f"Hidden layer {unit.name!r} uses activation {unit.activation!r}, which does not "
-                f"act on each neuron alone. Supported: {sorted(ELEMENTWISE_ACTIVATIONS)}."
+                f"act on each neuron alone. Supported: {sorted(ELEMENTWISE_ACTIVATIONS)} and "
+                "registered custom element-wise functions."
             )
     for step in plan.steps:
         if isinstance(step, Unit):

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
+from mtz_tf import activations
+
 
 def common_output(common_input: bool, batch_norm, sharing, units, shared_units: int) -> bool:
     """Whether a zipped layer gives all tasks one and the same output tensor: its input is
@@ -64,7 +66,7 @@ class _ZippedLayer(keras.layers.Layer):
         self.input_units = [int(n) for n in input_units]
         self.input_shared_units = int(input_shared_units)
         self.common_input = bool(common_input)
-        self.activation = keras.activations.get(activation)
+        self.activation = activations.resolve(activation)
         self.activation_name = activation
         self.use_bias = bool(use_bias)
         self.batch_norm = dict(batch_norm) if batch_norm else None
@@ -243,7 +245,7 @@ class _ZippedLayer(keras.layers.Layer):
         norm = keras.layers.BatchNormalization(**self.batch_norm, name=f"{self.name}_bn")
         norm.build((None,) * (len(self.kernel_prefix) + 1) + (self.units[t],))
         norm.set_weights(self.norms[t].get_weights())
-        return [layer, norm, keras.layers.Activation(self.activation_name, name=f"{self.name}_act")]
+        return [layer, norm, keras.layers.Activation(self.activation, name=f"{self.name}_act")]
 
     def parameter_counts(self) -> tuple[int, int]:
         """(shared, task-specific) parameter counts; shared ones are stored once.
@@ -306,7 +308,7 @@ class ZippedDense(_ZippedLayer):
             units,
             use_bias=self.use_bias,
             name=self.name,
-            activation=None if self.norms else self.activation_name,
+            activation=None if self.norms else self.activation,
         )
 
     def compute_output_shape(self, input_shape):
@@ -358,7 +360,7 @@ class ZippedConv2D(_ZippedLayer):
             padding=self.padding,
             use_bias=self.use_bias,
             name=self.name,
-            activation=None if self.norms else self.activation_name,
+            activation=None if self.norms else self.activation,
         )
 
     def compute_output_shape(self, input_shape):

@@ -295,6 +295,75 @@ def build_model(
     return model
 
 
+def _zipped_unit_function(layer: _ZippedLayer, with_batch_norm: bool) -> tuple:
+    """:func:`mtz_tf.graph.step_function` of the unit a zipped layer holds (without the
+    flattened positions, which the layer does not record)."""
+    properties = [
+        ("layer type", type(layer).__name__.removeprefix("Zipped")),
+        ("activation", layer.activation_name),
+        ("use_bias", layer.use_bias),
+    ]
+    if isinstance(layer, ZippedConv2D):
+        conv = (layer.kernel_size, layer.strides, layer.padding)
+        properties += list(zip(("kernel_size", "strides", "padding"), conv))
+    if with_batch_norm:
+        properties.append(("BatchNormalization after it", layer.batch_norm is not None))
+        if layer.batch_norm is not None:
+            properties.append(("BatchNormalization epsilon", layer.batch_norm["epsilon"]))
+    return tuple(properties)
+
+
+def _comparable(function: tuple) -> tuple:
+    """A weightless step's function without a Flatten's data format (zipped models
+    flatten channel-major by design, :class:`ChannelMajorFlatten`)."""
+    if function[0] == ("layer type", "Flatten"):
+        return function[:1]
+    return function
+
+
+def _layer_function(layer: keras.layers.Layer) -> tuple:
+    """:func:`mtz_tf.graph.step_function` of a weightless layer of a zipped model."""
+    kind = "Flatten" if isinstance(layer, ChannelMajorFlatten) else type(layer).__name__
+    config = layer.get_config()
+    if kind == "Activation":
+        config = {"activation": layer.activation}
+    return _comparable(graph.step_function(graph.PassThrough(layer.name, kind, config)))
+
+
+def zipped_difference(zipped: keras.Model, plan: graph.Plan, folded: bool) -> str | None:
+    """Where a model of ``plan`` computes something else than the zipped model, or None.
+
+    Units are compared in order (activation by identity, use_bias, kernel size, strides,
+    padding and, unless BatchNorm was ``folded`` into the zipped weights, BatchNorm
+    presence and epsilon); the weightless layers (pooling, Flatten, Dropout, activations,
+    Add/Concatenate) are compared as a collection, type and function-defining config.
+    """
+    for layer, unit in zip(zipped_layers(zipped), plan.units):
+        theirs = [
+            p
+            for p in graph.step_function(unit)
+            if p[0] != "flattened positions per channel"
+            and not (folded and p[0].startswith("BatchNormalization"))
+        ]
+        for (key, a), (_, b) in zip(_zipped_unit_function(layer, not folded), theirs):
+            if a != b:
+                return f"at layer {unit.name!r}: {key} {b!r} vs {a!r} (zipped layer {layer.name!r})"
+    mine = sorted(
+        repr(_layer_function(layer))
+        for layer in zipped.layers
+        if not isinstance(layer, (_ZippedLayer, keras.layers.InputLayer))
+    )
+    theirs = sorted(
+        repr(_comparable(graph.step_function(s)))
+        for s in plan.steps
+        if not isinstance(s, graph.Unit)
+    )
+    if mine != theirs:
+        odd = sorted(set(theirs) - set(mine)) or sorted(set(mine) - set(theirs))
+        return f"in its weightless layers (pooling, Flatten, Dropout, activations): {odd[:2]}"
+    return None
+
+
 def zipped_layers(model: keras.Model) -> list[_ZippedLayer]:
     """The zipped layers of a zipped model, input to output."""
     return [layer for layer in model.layers if isinstance(layer, _ZippedLayer)]

@@ -56,14 +56,11 @@ def _validate_models(models: Mapping[str, keras.Model]) -> dict[str, graph.Plan]
                 f"Model {task!r} takes inputs of shape {plan.input_shape}, but model "
                 f"{first_task!r} takes {first.input_shape}; zipped tasks share one input."
             )
-        if plan.signature() != first.signature():
+        difference = graph.first_difference(first, plan)
+        if difference is not None:
             raise ValueError(
-                f"Models {first_task!r} and {task!r} have different architectures "
-                f"({[type(s).__name__ for s in first.steps]} with activations "
-                f"{[u.activation for u in first.units]} vs "
-                f"{[type(s).__name__ for s in plan.steps]} with "
-                f"{[u.activation for u in plan.units]}); zipping needs the same layer "
-                "sequence (widths may differ)."
+                f"Model {task!r} differs from model {first_task!r} {difference}; zipping "
+                "needs the same function at every layer (widths may differ)."
             )
     for task, model in models.items():
         for variable in model.weights:
@@ -476,6 +473,12 @@ def add_task(
             f"Received: {task!r}"
         )
     plan = graph.read_plan(model)
+    if plan.input_shape != tuple(zipped.input.shape[1:]):
+        raise ValueError(
+            f"Model {model.name!r} for new task {task!r} takes inputs of shape "
+            f"{plan.input_shape}, but the zipped model takes {tuple(zipped.input.shape[1:])}; "
+            "zipped tasks share one input."
+        )
     zipped_layers = stack.zipped_layers(zipped)
     if len(zipped_layers) != len(plan.units) or any(
         (layer.__class__.__name__ != "Zipped" + unit.kind)
@@ -486,15 +489,22 @@ def add_task(
             f"{[u.kind for u in plan.units]} vs "
             f"{[type(layer).__name__ for layer in zipped_layers]}."
         )
+    folded = any(
+        unit.batch_norm and layer.batch_norm is None
+        for layer, unit in zip(zipped_layers, plan.units)
+    )
+    difference = stack.zipped_difference(zipped, plan, folded)
+    if difference is not None:
+        raise ValueError(
+            f"Model {model.name!r} for new task {task!r} differs from the zipped model "
+            f"{difference}; a task joins a zip only with the same function at every layer "
+            "(widths may differ)."
+        )
     _validate_models({"zipped_task": model, task: model})
     task_names = old_tasks + [task]
     _check_tasks(calibration, task_names, "calibration")
     _check_options(matching, "hessian", "hessian", hessian, "task")
     _check_side_data(evaluation, retrain, task_names)
-    folded = any(
-        unit.batch_norm and layer.batch_norm is None
-        for layer, unit in zip(zipped_layers, plan.units)
-    )
     newcomer = stack.separate_states({task: plan}, {task: model}, "fold" if folded else "task")
     states = stack.read_states(zipped, plan)
     for state, own in zip(states, newcomer):

@@ -22,7 +22,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from mtz_tf import graph
+from mtz_tf import activations, graph
 
 _CHANNELWISE_TYPES = (
     keras.layers.ReLU,
@@ -137,7 +137,7 @@ def _is_channels_last_conv(layer) -> bool:
 
 def _is_linear_unit(layer) -> bool:
     return (_is_channels_last_conv(layer) or type(layer) is keras.layers.Dense) and (
-        graph._activation_name(layer.activation) == "linear"
+        activations.label(layer.activation) == "linear"
     )
 
 
@@ -153,7 +153,7 @@ def member_activation(layer) -> str | None:
         plain = layer.max_value is None and not layer.negative_slope and not layer.threshold
         return "relu" if plain else "relu_variant"
     if isinstance(layer, keras.layers.Activation):
-        return graph._activation_name(layer.activation)
+        return activations.label(layer.activation)
     return None
 
 
@@ -254,7 +254,11 @@ def _make_group(members, sources, layers, parents, children, output_layers) -> C
         if m in output_layers:
             reasons.append(f"{m!r} is a model output")
         activation = member_activation(layer)
-        if activation is not None and activation not in _ELEMENTWISE:
+        if (
+            activation is not None
+            and activation not in _ELEMENTWISE
+            and not activations.is_elementwise(activation)
+        ):
             reasons.append(f"{m!r} applies a non-element-wise activation {activation!r}")
         for c in children[m]:
             if c in member_set:

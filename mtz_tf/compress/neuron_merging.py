@@ -55,7 +55,7 @@ from collections.abc import Mapping
 import keras
 import numpy as np
 
-from mtz_tf import graph
+from mtz_tf import activations
 from mtz_tf.compress import criteria as criteria_lib
 from mtz_tf.compress import surgery
 
@@ -314,7 +314,7 @@ def _activation_of(layer) -> str | None:
     if isinstance(layer, keras.layers.LeakyReLU):
         return "leaky_relu"
     if isinstance(layer, keras.layers.Activation):
-        return graph._activation_name(layer.activation)
+        return activations.label(layer.activation)
     return None
 
 
@@ -363,8 +363,8 @@ def _trace(model: keras.Model, layer, consumers: dict[str, list]) -> _Unit | _Bl
     output_ids = {id(t) for t in model.outputs}
     batch_norm = None
     activations = []
-    own = graph._activation_name(layer.activation)
-    if own not in graph.ELEMENTWISE_ACTIVATIONS:
+    own = activations.label(layer.activation)
+    if not activations.is_elementwise(own):
         return _Blocked(name, "unsupported", f"its activation {own!r} is not element-wise")
     if own != "linear":
         activations.append(own)
@@ -406,7 +406,7 @@ def _trace(model: keras.Model, layer, consumers: dict[str, list]) -> _Unit | _Bl
                 batch_norm = reader.name
                 stack.append((reader, flat))
             elif (activation := _activation_of(reader)) is not None:
-                if activation not in graph.ELEMENTWISE_ACTIVATIONS | {_CAPPED_RELU}:
+                if activation != _CAPPED_RELU and not activations.is_elementwise(activation):
                     return _Blocked(
                         name,
                         "unsupported",
