@@ -8,10 +8,10 @@ zipping saves in file size and latency against the two separate models.
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 import mtz_tf
-from mtz_tf import data, io_utils, models, training
+from mtz_tf import cli, data, io_utils, models, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "artifacts/demo", "Where models and the report go.")
@@ -97,4 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

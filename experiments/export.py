@@ -17,9 +17,9 @@ import os
 import re
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from mtz_tf import data, deploy_report, io_utils
+from mtz_tf import cli, data, deploy_report, io_utils
 from mtz_tf import exporter as export_lib
 
 FLAGS = flags.FLAGS
@@ -145,4 +145,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

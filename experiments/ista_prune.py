@@ -28,9 +28,9 @@ import time
 
 import keras
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from mtz_tf import data, io_utils, models, training
+from mtz_tf import cli, data, io_utils, models, training
 from mtz_tf.compress import flops, ista, l1_filter_pruning
 
 FLAGS = flags.FLAGS
@@ -297,4 +297,4 @@ _OWN_FLAGS = (
 )
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

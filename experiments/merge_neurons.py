@@ -23,7 +23,7 @@ import sys
 import keras
 from absl import app, flags, logging
 
-from mtz_tf import data, io_utils, torch_weights, training
+from mtz_tf import cli, data, io_utils, torch_weights, training
 from mtz_tf.compress import criteria, neuron_merging
 
 FLAGS = flags.FLAGS
@@ -141,4 +141,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -18,10 +18,10 @@ import time
 
 import keras
 import residual_experiments as rx
-from absl import app, flags, logging
+from absl import flags, logging
 
 import mtz_tf
-from mtz_tf import data, io_utils, models, training
+from mtz_tf import cli, data, io_utils, models, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
@@ -388,4 +388,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

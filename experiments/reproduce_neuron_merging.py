@@ -19,9 +19,9 @@ import sys
 import time
 
 import keras
-from absl import app, flags, logging
+from absl import flags, logging
 
-from mtz_tf import data, io_utils, models, torch_weights, training
+from mtz_tf import cli, data, io_utils, models, torch_weights, training
 from mtz_tf.compress import neuron_merging
 
 FLAGS = flags.FLAGS
@@ -318,4 +318,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

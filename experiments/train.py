@@ -8,9 +8,9 @@ Example:
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from mtz_tf import data, io_utils, models, training
+from mtz_tf import cli, data, io_utils, models, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "lenet300", sorted(models.BUILDERS), "Architecture to train.")
@@ -84,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

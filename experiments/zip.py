@@ -10,7 +10,7 @@ import os
 from absl import app, flags, logging
 
 import mtz_tf
-from mtz_tf import data, io_utils, zipper
+from mtz_tf import cli, data, io_utils, zipper
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", None, "Comma-separated .keras models, one per task.", required=True)
@@ -75,6 +75,11 @@ def optimizer():
 def main(argv):
     del argv
     tasks = FLAGS.tasks or [f"task{i}" for i in range(len(FLAGS.models))]
+    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    if repeated:
+        raise app.UsageError(
+            f"--tasks repeats the name(s) {repeated}; give each task its own name."
+        )
     if len(tasks) != len(FLAGS.models):
         raise app.UsageError(f"--tasks names {len(tasks)} tasks for {len(FLAGS.models)} models.")
     classes = FLAGS.classes or [None] * len(tasks)
@@ -129,4 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -487,6 +487,13 @@ def read_plan(model: keras.Model) -> Plan:
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"Expected a keras.Model. Received: {type(model).__name__}")
+    if not isinstance(model, keras.Sequential) and not hasattr(model, "_nodes_by_depth"):
+        raise TypeError(
+            f"Model {model.name!r} is a subclassed keras.Model ({type(model).__name__}): its "
+            "layers are wired in Python code in `call()`, so there is no layer graph to read. "
+            "Build it as a functional model (`keras.Model(inputs, outputs)`) or a "
+            "`keras.Sequential` that starts with `keras.Input`, and copy the weights over."
+        )
     if not model.built or not model.inputs:
         raise ValueError(
             f"Model {model.name!r} has no defined input; build it with an `Input` first."

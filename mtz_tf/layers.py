@@ -9,6 +9,11 @@ from keras import ops
 
 from mtz_tf import activations
 
+LOADING_NOTE = "import mtz_tf before keras.saving.load_model (it registers this layer)"
+"""Written first into every mtz_tf layer's config: when a ``.keras`` file is loaded without
+``import mtz_tf``, Keras's "Could not locate class" error prints the config, and with it
+this note on what to do (Keras has no hook that could import the package itself)."""
+
 
 def common_output(common_input: bool, batch_norm, sharing, units, shared_units: int) -> bool:
     """Whether a zipped layer gives all tasks one and the same output tensor: its input is
@@ -58,6 +63,7 @@ class _ZippedLayer(keras.layers.Layer):
         sharing: Sequence[bool] | None = None,
         **kwargs,
     ):
+        kwargs.pop("loading_note", None)
         super().__init__(**kwargs)
         self.sharing = [True] * len(task_names) if sharing is None else [bool(s) for s in sharing]
         self.task_names = [str(t) for t in task_names]
@@ -197,7 +203,7 @@ class _ZippedLayer(keras.layers.Layer):
         return self._task_output(self.task_names.index(task), x, None, training)
 
     def get_config(self):
-        config = super().get_config()
+        config = {"loading_note": LOADING_NOTE, **super().get_config()}
         config.update(
             task_names=self.task_names,
             units=self.units,
@@ -394,6 +400,13 @@ class ChannelMajorFlatten(keras.layers.Layer):
     def call(self, inputs):
         x = ops.transpose(inputs, (0, 3, 1, 2))
         return ops.reshape(x, (ops.shape(x)[0], -1))
+
+    def __init__(self, **kwargs):
+        kwargs.pop("loading_note", None)
+        super().__init__(**kwargs)
+
+    def get_config(self):
+        return {"loading_note": LOADING_NOTE, **super().get_config()}
 
     def compute_output_shape(self, input_shape):
         size = 1

@@ -66,6 +66,32 @@ class Retrain:
         return keras.optimizers.get(self.optimizer)
 
 
+def _raise_label_range(task: str, what: str, labels, classes: int) -> None:
+    labels = np.asarray(labels).reshape(-1)
+    bad = labels[(labels < 0) | (labels >= classes)]
+    raise ValueError(
+        f"The `{what}` data of task {task!r} holds label {bad[0] if bad.size else '?'}, "
+        f"outside the task's {classes} classes (labels must be integers in [0, {classes - 1}])."
+        " Check that each task gets its own labels (e.g. remapped to 0..C-1 for a label "
+        "subset)."
+    )
+
+
+def _checked_labels(dataset, task: str, classes: int):
+    """``dataset`` with each batch's labels checked to lie in [0, classes)."""
+    marker = f"mtz_tf label check, task {task!r}"
+
+    def check(x, y):
+        y64 = tf.cast(y, tf.int64)
+        ok = tf.reduce_all((y64 >= 0) & (y64 < classes))
+        with tf.control_dependencies(
+            [tf.debugging.Assert(ok, [marker, tf.reduce_min(y64), tf.reduce_max(y64)])]
+        ):
+            return x, tf.identity(y)
+
+    return dataset.map(check)
+
+
 def _default_loss(model: keras.Model, task: str) -> keras.losses.Loss:
     head = model.output[task]._keras_history.operation
     from_logits = getattr(head, "activation_name", "linear") != "softmax"
@@ -130,19 +156,38 @@ def retrain_jointly(
         trainer = keras.Model(inputs, outputs, name=f"{model.name}_joint_trainer")
         losses = {t: retrain.loss or _default_loss(model, t) for t in tasks}
         trainer.compile(optimizer=retrain.new_optimizer(), loss=losses)
-    joint = tf.data.Dataset.zip({t: retrain.train[t].repeat() for t in tasks})
+    joint = tf.data.Dataset.zip(
+        {
+            t: (
+                _checked_labels(retrain.train[t].repeat(), t, model.output[t].shape[-1])
+                if retrain.loss is None  # the default loss takes integer class labels
+                else retrain.train[t].repeat()
+            )
+            for t in tasks
+        }
+    )
     joint = joint.map(
         lambda batches: ({t: batches[t][0] for t in tasks}, {t: batches[t][1] for t in tasks})
     )
     joint = joint.skip(start_step).take(steps)
     watch = _FirstNonFiniteLoss()
-    trainer.fit(
-        joint,
-        epochs=1,
-        shuffle=False,
-        verbose=retrain.verbose,
-        callbacks=list(retrain.callbacks) + [watch],
-    )
+    try:
+        trainer.fit(
+            joint,
+            epochs=1,
+            shuffle=False,
+            verbose=retrain.verbose,
+            callbacks=list(retrain.callbacks) + [watch],
+        )
+    except tf.errors.InvalidArgumentError as error:
+        for t in tasks:
+            if f"mtz_tf label check, task {t!r}" in str(error):
+                classes = model.output[t].shape[-1]
+                raise ValueError(
+                    f"The `Retrain.train` data of task {t!r} holds labels outside the task's "
+                    f"{classes} classes (labels must be integers in [0, {classes - 1}])."
+                ) from None
+        raise
     bad = [v.path for v in model.weights if not np.all(np.isfinite(v.numpy()))]
     if watch.batch is not None or bad:
         step = start_step + (watch.batch if watch.batch is not None else steps - 1)
@@ -167,14 +212,20 @@ def task_accuracies(model: keras.Model, evaluation: Mapping[str, tf.data.Dataset
     @tf.function
     def correct(x, y, task):
         logits = model(x, training=False)[task]
-        hits = tf.equal(tf.argmax(logits, axis=-1), tf.cast(y, tf.int64))
-        return tf.reduce_sum(tf.cast(hits, tf.int64)), tf.size(y, out_type=tf.int64)
+        y = tf.cast(y, tf.int64)
+        hits = tf.equal(tf.argmax(logits, axis=-1), y)
+        bad = tf.reduce_sum(
+            tf.cast((y < 0) | (y >= tf.shape(logits, out_type=tf.int64)[-1]), tf.int64)
+        )
+        return tf.reduce_sum(tf.cast(hits, tf.int64)), tf.size(y, out_type=tf.int64), bad
 
     result = {}
     for task, dataset in evaluation.items():
         hits = total = 0
         for x, y in dataset:
-            h, n = correct(x, y, task)
+            h, n, bad = correct(x, y, task)
+            if int(bad):
+                _raise_label_range(task, "evaluation", y, model.output[task].shape[-1])
             hits, total = hits + int(h), total + int(n)
         result[task] = hits / max(total, 1)
     return result

@@ -80,6 +80,12 @@ def _inputs_only(dataset, input_shape: tuple, task: str, what: str) -> tf.data.D
         )
     spec = dataset.element_spec
     x_spec = spec[0] if isinstance(spec, tuple) else spec
+    if not isinstance(x_spec, tf.TensorSpec):
+        raise TypeError(
+            f"The {what} for task {task!r} yields elements of structure {spec}; expected "
+            "batches of inputs, or (inputs, labels) tuples. Map a dict dataset to that "
+            "first, e.g. `dataset.map(lambda d: (d['image'], d['label']))`."
+        )
     shape = tuple(x_spec.shape)
     if len(shape) != len(input_shape) + 1 or any(
         s is not None and s != e for s, e in zip(shape[1:], input_shape)
@@ -109,6 +115,11 @@ def resolve_shares(share, units: list[graph.Unit], widths: list[int]) -> list[in
             raise TypeError(
                 f"`share` for layer {name!r} must be an int count or a float fraction. "
                 f"Received: {value!r}"
+            )
+        if value < 0:
+            raise ValueError(
+                f"`share` for layer {name!r} must be non-negative: a count from 0 to {width} "
+                f"or a fraction from 0.0 to 1.0. Received: share={value}"
             )
         if isinstance(value, (float, np.floating)):
             if not 0.0 <= value <= 1.0:
@@ -583,3 +594,17 @@ def _check_side_data(evaluation, retrain, task_names: list[str]) -> None:
             f"`Retrain.train` must have one dataset per task {task_names}. Received keys: "
             f"{sorted(retrain.train)}"
         )
+    labelled = [
+        ("evaluation", evaluation or {}),
+        ("Retrain.train", retrain.train if retrain else {}),
+    ]
+    for what, datasets in labelled:
+        for task, dataset in datasets.items():
+            spec = getattr(dataset, "element_spec", None)
+            if not (isinstance(spec, tuple) and len(spec) == 2):
+                raise ValueError(
+                    f"The `{what}` data of task {task!r} must be a batched tf.data.Dataset of "
+                    f"(inputs, integer labels) pairs; its elements are {spec}. Pass "
+                    "`mtz_tf.data.to_dataset(x, y)` (labels are needed for accuracy and "
+                    "retraining)."
+                )

@@ -154,8 +154,19 @@ class ISTASGD(keras.optimizers.SGD):
             raise TypeError(
                 f"`lambdas` must be a dict {{BatchNorm name: lambda}}. Received: {lambdas!r}"
             )
+        for label, value in (("rho", rho), ("momentum", momentum)):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise TypeError(
+                    f"`{label}` must be a non-negative float. Received: {label}={value!r} "
+                    f"of type {type(value).__name__}"
+                )
         if not rho >= 0:
             raise ValueError(f"`rho` must be non-negative. Received: rho={rho}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"`momentum` must be in [0, 1). Received: momentum={momentum}")
+        bad = {k: v for k, v in lambdas.items() if not isinstance(v, (int, float, np.number))}
+        if bad:
+            raise TypeError(f"`lambdas` values must be floats. Received: {bad}")
         negative = {k: v for k, v in lambdas.items() if not float(v) >= 0}
         if negative:
             raise ValueError(f"`lambdas` must be non-negative. Received: {negative}")

@@ -55,9 +55,10 @@ from collections.abc import Mapping
 import keras
 import numpy as np
 
-from mtz_tf import activations
+from mtz_tf import activations as activation_lib
 from mtz_tf.compress import criteria as criteria_lib
 from mtz_tf.compress import surgery
+from mtz_tf.layers import _ZippedLayer
 
 SCALES = ("reference", "exact")
 """Scale formulas of the BatchNorm variant (identical for layers without BatchNorm)."""
@@ -314,7 +315,7 @@ def _activation_of(layer) -> str | None:
     if isinstance(layer, keras.layers.LeakyReLU):
         return "leaky_relu"
     if isinstance(layer, keras.layers.Activation):
-        return activations.label(layer.activation)
+        return activation_lib.label(layer.activation)
     return None
 
 
@@ -363,8 +364,8 @@ def _trace(model: keras.Model, layer, consumers: dict[str, list]) -> _Unit | _Bl
     output_ids = {id(t) for t in model.outputs}
     batch_norm = None
     activations = []
-    own = activations.label(layer.activation)
-    if not activations.is_elementwise(own):
+    own = activation_lib.label(layer.activation)
+    if not activation_lib.is_elementwise(own):
         return _Blocked(name, "unsupported", f"its activation {own!r} is not element-wise")
     if own != "linear":
         activations.append(own)
@@ -406,7 +407,7 @@ def _trace(model: keras.Model, layer, consumers: dict[str, list]) -> _Unit | _Bl
                 batch_norm = reader.name
                 stack.append((reader, flat))
             elif (activation := _activation_of(reader)) is not None:
-                if activation != _CAPPED_RELU and not activations.is_elementwise(activation):
+                if activation != _CAPPED_RELU and not activation_lib.is_elementwise(activation):
                     return _Blocked(
                         name,
                         "unsupported",
@@ -447,6 +448,14 @@ def _trace(model: keras.Model, layer, consumers: dict[str, list]) -> _Unit | _Bl
 def _read(model: keras.Model) -> dict[str, _Unit | _Blocked]:
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a keras.Model. Received: {type(model).__name__}")
+    zipped = [layer.name for layer in model.layers if isinstance(layer, _ZippedLayer)]
+    if zipped:
+        raise ValueError(
+            f"Model {model.name!r} is a zipped multi-task model (layers {zipped[:3]} hold "
+            "several tasks' neurons); Neuron Merging prunes ordinary Dense/Conv2D layers. "
+            "Turn a fully zipped model into an ordinary multi-head model with "
+            "`mtz_tf.stack.multi_head_model(zipped)` first, or compress the input models."
+        )
     if not model.built or not model.inputs:
         raise ValueError(f"Model {model.name!r} has no defined input; build it on an `Input`.")
     consumers = _consumer_map(model)
