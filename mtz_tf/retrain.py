@@ -79,7 +79,7 @@ def _raise_label_range(task: str, what: str, labels, classes: int) -> None:
 
 def _checked_labels(dataset, task: str, classes: int):
     """``dataset`` with each batch's labels checked to lie in [0, classes)."""
-    marker = f"mtz_tf label check, task {task!r}"
+    marker = f"mtz_tf label check, task <{task}>"
 
     def check(x, y):
         y64 = tf.cast(y, tf.int64)
@@ -181,7 +181,7 @@ def retrain_jointly(
         )
     except tf.errors.InvalidArgumentError as error:
         for t in tasks:
-            if f"mtz_tf label check, task {t!r}" in str(error):
+            if f"mtz_tf label check, task <{t}>" in str(error):
                 classes = model.output[t].shape[-1]
                 raise ValueError(
                     f"The `Retrain.train` data of task {t!r} holds labels outside the task's "

@@ -13,6 +13,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import mtz_tf
 from mtz_tf import data, io_utils
@@ -97,6 +98,11 @@ def context(tmp_path_factory):
     )
 
 
+def _built(model):
+    model(np.zeros((1, 10), "float32"))
+    return model
+
+
 def _snapshot(context):
     weights = {
         name: [v.numpy().tobytes() for v in getattr(context, name).weights]
@@ -121,7 +127,21 @@ def _binary(script, *flags):
     )
     if result.returncode == 0:
         return result
-    raise SystemExit(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    own = [line for line in result.stderr.splitlines() if line.startswith(script + ": error:")]
+    assert len(own) == 1, result.stderr  # one clear line
+    raise SystemExit(own[0])
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(16, activation="relu")
+        self.head = keras.layers.Dense(4)
+
+    def call(self, x):
+        return self.head(self.hidden(x))
 
 
 ROWS = [
@@ -175,7 +195,64 @@ ROWS = [
         ValueError,
         "LayerNormalization is not supported",
     ),
+    (
+        "zip a subclassed model",
+        lambda c: c.zip(models={"a": c.a, "b": _built(_Subclassed())}),
+        TypeError,
+        "subclassed keras.Model .* functional model",
+    ),
     # zip_models: calibration and side data
+    (
+        "zip calibration of dicts",
+        lambda c: c.zip(
+            calibration={
+                t: tf.data.Dataset.from_tensor_slices({"image": c.x, "label": c.y}).batch(8)
+                for t in "ab"
+            }
+        ),
+        TypeError,
+        r"yields elements of structure .* \(inputs, labels\) tuples",
+    ),
+    (
+        "zip NaN calibration inputs",
+        lambda c: c.zip(
+            calibration={"a": data.to_dataset(c.x), "b": data.to_dataset(c.x * np.nan)}
+        ),
+        ValueError,
+        "calibration data of task 'b' yields NaN or infinite",
+    ),
+    (
+        "zip evaluation without labels",
+        lambda c: c.zip(evaluation={"a": data.to_dataset(c.x)}),
+        ValueError,
+        r"`evaluation` data of task 'a' must be .* \(inputs, integer labels\) pairs",
+    ),
+    (
+        "zip evaluation with a label out of range",
+        lambda c: c.zip(evaluation={"a": data.to_dataset(c.x, c.y + 3)}),
+        ValueError,
+        "`evaluation` data of task 'a' holds label [4-6], outside the task's 4 classes",
+    ),
+    (
+        "zip retraining data with a label out of range",
+        lambda c: c.zip(
+            retrain=mtz_tf.Retrain(
+                {"a": data.training_stream(c.x, c.y, 8), "b": data.training_stream(c.x, -c.y, 8)},
+                2,
+                verbose=0,
+            )
+        ),
+        ValueError,
+        "`Retrain.train` data of task 'b' holds labels outside the task's 4 classes",
+    ),
+    (
+        "zip retraining data without labels",
+        lambda c: c.zip(
+            retrain=mtz_tf.Retrain({t: data.to_dataset(c.x) for t in "ab"}, 2, verbose=0)
+        ),
+        ValueError,
+        "`Retrain.train` data of task 'a' must be",
+    ),
     (
         "zip calibration missing a task",
         lambda c: c.zip(calibration=c.calibration("a")),
@@ -213,6 +290,8 @@ ROWS = [
         ValueError,
         "at most its width 16",
     ),
+    ("zip share -1", lambda c: c.zip(share=[-1, 2]), ValueError, "must be non-negative"),
+    ("zip share -0.5", lambda c: c.zip(share=-0.5), ValueError, "must be non-negative"),
     ("zip share fraction 1.5", lambda c: c.zip(share=1.5), ValueError, r"must be in \[0, 1\]"),
     (
         "zip share list too short",
@@ -289,6 +368,20 @@ ROWS = [
         ValueError,
         "architecture",
     ),
+    (
+        "add_task with another input shape",
+        lambda c: mtz_tf.add_task(c.zipped, "c", c.other_shape, c.calibration("abc"), verbose=0),
+        ValueError,
+        r"for new task 'c' takes inputs of shape \(11,\), but the zipped model takes \(10,\)",
+    ),
+    (
+        "add_task with another activation",
+        lambda c: mtz_tf.add_task(
+            c.zipped, "c", _mlp(7, activation="tanh"), c.calibration("abc"), verbose=0
+        ),
+        ValueError,
+        "activation 'tanh' vs 'relu'",
+    ),
     # export
     (
         "export over a file",
@@ -352,7 +445,19 @@ ROWS = [
         TypeError,
         "`model` must be a keras.Model",
     ),
+    (
+        "merge_neurons on a zipped model",
+        lambda c: merge_neurons(c.zipped, 0.5),
+        ValueError,
+        "is a zipped multi-task model.*multi_head_model",
+    ),
     # ISTA
+    (
+        "ISTASGD rho as a string",
+        lambda c: ISTASGD({"bn1": 1.0}, rho="0.1"),
+        TypeError,
+        "`rho` must be a non-negative float. Received: rho='0.1'",
+    ),
     (
         "ISTA removal without BatchNorm",
         lambda c: ista.remove_zero_channels(c.a),
@@ -408,6 +513,17 @@ ROWS = [
         "exists and is not a directory",
     ),
     (
+        "zip.py with repeated task names",
+        lambda c: _binary(
+            "zip.py",
+            f"--models={c.path('l1.keras')},{c.path('l2.keras')}",
+            "--tasks=a,a",
+            f"--output={c.path('z.keras')}",
+        ),
+        SystemExit,
+        "--tasks repeats the name",
+    ),
+    (
         "export.py with a missing model",
         lambda c: _binary(
             "export.py", f"--model={c.path('none.keras')}", f"--output_dir={c.path('out')}"
@@ -432,3 +548,18 @@ def test_the_table_is_large_and_covers_every_entry_point():
     assert len(ROWS) >= 30
     for entry in ("zip ", "add_task", "export", "merge_neurons", "ISTA", ".py"):
         assert any(entry in row[0] for row in ROWS), entry
+
+
+def test_a_zipped_model_loaded_without_mtz_tf_says_to_import_it(context, tmp_path):
+    path = str(tmp_path / "zipped.keras")
+    io_utils.save_model(context.zipped, path)
+    code = f"import keras; keras.saving.load_model({path!r})"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert result.returncode != 0
+    assert "import mtz_tf before keras.saving.load_model" in result.stderr
