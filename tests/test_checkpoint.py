@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 
 import keras
 import numpy as np
@@ -230,3 +231,27 @@ def test_diverging_retraining_keeps_the_last_good_checkpoint(pair, samples, tmp_
     progress = checkpoint.read_progress(str(directory))
     assert progress["completed_layers"] == 1
     assert np.isfinite(progress["report"]["layers"][0]["merge_cost"])
+
+
+@pytest.fixture
+def read_only_parent(tmp_path):
+    """A parent directory in which nothing can be created or renamed (immutable, so that
+    it holds for root too), holding a writable ``ckpt`` directory."""
+    parent = tmp_path / "ro"
+    (parent / "ckpt").mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(parent)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not permitted here (needs root on ext2/3/4, xfs or btrfs)")
+    yield parent
+    subprocess.run(["chattr", "-i", str(parent)], check=True)
+
+
+def test_a_writable_checkpoint_dir_in_a_read_only_parent_works(pair, samples, read_only_parent):
+    directory = read_only_parent / "ckpt"
+    with pytest.raises(OSError):
+        (read_only_parent / "probe").mkdir()  # the parent really is read-only
+    full, _ = _zip(pair, samples, directory)
+    assert sorted(os.listdir(directory)) == ["latest", "unit-0002"]
+    resumed, _ = _zip(pair, samples, directory)
+    for a, b in zip(_weights(full), _weights(resumed)):
+        np.testing.assert_array_equal(a, b)
+    assert os.listdir(read_only_parent) == ["ckpt"]
