@@ -51,7 +51,7 @@ def input_hessian(
         ``(H, N)``: the float64 (d, d) Hessian and the number of samples.
 
     Raises:
-        ValueError: if the dataset is empty.
+        ValueError: if the dataset is empty, or its layer inputs hold NaN or inf.
     """
     hessians, count = input_hessians(
         lambda batch: [features(batch)], dataset, [append_bias], description
@@ -96,5 +96,12 @@ def input_hessians(
     if totals is None or not all(counts):
         raise ValueError(
             f"The {description} is empty: a Hessian needs at least one calibration sample."
+        )
+    # A NaN or inf anywhere in a layer input reaches its sum of outer products, so one check
+    # of the (d, d) totals covers every sample; later it would surface only as a NaN cost.
+    if not all(bool(tf.reduce_all(tf.math.is_finite(t))) for t in totals):
+        raise ValueError(
+            f"The {description} yields NaN or infinite layer inputs: it holds NaN/inf values "
+            "or values too large for float32. Give finite, normalised calibration inputs."
         )
     return [t / c for t, c in zip(totals, counts)], int(counts[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Mapping, Sequence
 
@@ -66,9 +67,61 @@ class Retrain:
         return keras.optimizers.get(self.optimizer)
 
 
+def _labels_spec(dataset, task: str, what: str):
+    """The label spec of ``dataset``, which must yield (inputs, labels) pairs."""
+    spec = getattr(dataset, "element_spec", None)
+    if not (isinstance(spec, tuple) and len(spec) == 2):
+        raise ValueError(
+            f"The `{what}` data of task {task!r} must be a batched tf.data.Dataset of "
+            f"(inputs, integer labels) pairs; its elements are {spec}. Pass "
+            "`mtz_tf.data.to_dataset(x, y)` (labels are needed for accuracy and retraining)."
+        )
+    return spec[1]
+
+
+def check_labelled_data(
+    dataset, task: str, what: str, classes: int | None = None, labels: str = "classes"
+) -> None:
+    """Checks from ``dataset.element_spec`` alone, before any work, that ``dataset`` yields
+    (inputs, labels) batches with labels of the form ``labels`` names: ``"classes"`` class
+    indices, shape (batch,) or (batch, 1), integer or whole floats (their range is checked
+    on the batches read), or one-hot rows (batch, ``classes``); ``"sparse"`` class indices
+    only (the default retraining loss); ``"any"`` any labels (a custom loss defines them).
+    ``what`` names the data in the messages."""
+    spec = _labels_spec(dataset, task, what)
+    if labels == "any":
+        return
+    if not isinstance(spec, tf.TensorSpec) or not (spec.dtype.is_integer or spec.dtype.is_floating):
+        received = spec.dtype.name if isinstance(spec, tf.TensorSpec) else spec
+        raise TypeError(
+            f"The `{what}` data of task {task!r} has labels of dtype {received}; expected a "
+            "tensor of integer class labels (or of one-hot float rows)."
+        )
+    shape = tuple(spec.shape) if spec.shape.rank is not None else None
+    if shape is None or len(shape) == 1 or shape[1:] == (1,):
+        return
+    width = f"{classes}" if classes is not None else "classes"
+    if len(shape) == 2 and labels == "sparse":
+        raise ValueError(
+            f"The `{what}` data of task {task!r} has one-hot labels of shape {shape}, but the "
+            "default loss (sparse categorical cross-entropy) takes integer class labels of "
+            "shape (batch,). Give class indices (e.g. `tf.argmax(y, axis=-1)`), or set "
+            "`Retrain.loss` to a loss for one-hot labels, e.g. "
+            "`keras.losses.CategoricalCrossentropy(from_logits=True)`."
+        )
+    if len(shape) == 2 and (classes is None or shape[1] in (None, classes)):
+        return
+    raise ValueError(
+        f"The `{what}` data of task {task!r} has labels of shape {shape}; expected class "
+        f"indices of shape (batch,) or one-hot rows of shape (batch, {width}), {width} being "
+        "the number of classes of the task's head. Batch the dataset, and give each task "
+        "labels of its own head."
+    )
+
+
 def _raise_label_range(task: str, what: str, labels, classes: int) -> None:
     labels = np.asarray(labels).reshape(-1)
-    bad = labels[(labels < 0) | (labels >= classes)]
+    bad = labels[(labels < 0) | (labels >= classes) | (labels != np.floor(labels))]
     raise ValueError(
         f"The `{what}` data of task {task!r} holds label {bad[0] if bad.size else '?'}, "
         f"outside the task's {classes} classes (labels must be integers in [0, {classes - 1}])."
@@ -77,19 +130,54 @@ def _raise_label_range(task: str, what: str, labels, classes: int) -> None:
     )
 
 
+def _label_marker(task: str) -> str:
+    # No quotes: TensorFlow escapes them in the message of a failed assertion.
+    return f"mtz_tf label check: task={task}"
+
+
+def _invalid_labels(y, classes: int):
+    """A batch's labels, flattened, and for each whether it is not a class index in
+    [0, classes)."""
+    y = tf.reshape(y, [-1])
+    index = tf.cast(y, tf.int64)
+    invalid = (index < 0) | (index >= classes)
+    if y.dtype.is_floating:
+        invalid |= tf.cast(index, y.dtype) != y  # fractional, NaN or inf
+    return y, invalid
+
+
 def _checked_labels(dataset, task: str, classes: int):
-    """``dataset`` with each batch's labels checked to lie in [0, classes)."""
-    marker = f"mtz_tf label check, task <{task}>"
+    """``dataset`` with each batch's labels checked, as it is read, to lie in [0, classes);
+    a failed check names the task and the first offending label (:func:`_label_error`)."""
 
     def check(x, y):
-        y64 = tf.cast(y, tf.int64)
-        ok = tf.reduce_all((y64 >= 0) & (y64 < classes))
-        with tf.control_dependencies(
-            [tf.debugging.Assert(ok, [marker, tf.reduce_min(y64), tf.reduce_max(y64)])]
-        ):
+        flat, invalid = _invalid_labels(y, classes)
+        first_bad = tf.boolean_mask(flat, invalid)[:1]
+        assertion = tf.debugging.Assert(
+            tf.logical_not(tf.reduce_any(invalid)), [_label_marker(task), first_bad]
+        )
+        with tf.control_dependencies([assertion]):
             return x, tf.identity(y)
 
     return dataset.map(check)
+
+
+def _label_error(error: Exception, model: keras.Model, tasks) -> ValueError | None:
+    """The ValueError for a failed :func:`_checked_labels` assertion; None for other errors."""
+    message = str(error)
+    for task in tasks:
+        marker = _label_marker(task)
+        if marker in message:
+            found = re.search(re.escape(marker) + r"\]\s*\[([^\]]*)\]", message)
+            label = f": label {found.group(1).strip()} was read" if found else ""
+            classes = model.output[task].shape[-1]
+            return ValueError(
+                f"The `Retrain.train` data of task {task!r} holds labels outside the task's "
+                f"{classes} classes{label} (labels must be integers in [0, {classes - 1}]). "
+                "Check that each task gets its own labels (e.g. remapped to 0..C-1 for a "
+                "label subset)."
+            )
+    return None
 
 
 def _default_loss(model: keras.Model, task: str) -> keras.losses.Loss:
@@ -180,14 +268,10 @@ def retrain_jointly(
             callbacks=list(retrain.callbacks) + [watch],
         )
     except tf.errors.InvalidArgumentError as error:
-        for t in tasks:
-            if f"mtz_tf label check, task <{t}>" in str(error):
-                classes = model.output[t].shape[-1]
-                raise ValueError(
-                    f"The `Retrain.train` data of task {t!r} holds labels outside the task's "
-                    f"{classes} classes (labels must be integers in [0, {classes - 1}])."
-                ) from None
-        raise
+        label_error = _label_error(error, model, tasks)
+        if label_error is None:
+            raise
+        raise label_error from None
     bad = [v.path for v in model.weights if not np.all(np.isfinite(v.numpy()))]
     if watch.batch is not None or bad:
         step = start_step + (watch.batch if watch.batch is not None else steps - 1)
@@ -207,16 +291,21 @@ def retrain_jointly(
 
 
 def task_accuracies(model: keras.Model, evaluation: Mapping[str, tf.data.Dataset]) -> dict:
-    """{task: top-1 accuracy of output ``task`` on its own (x, y) batches}."""
+    """{task: top-1 accuracy of output ``task`` on its own (x, y) batches}; labels are class
+    indices or one-hot rows (:func:`check_labelled_data`)."""
+    classes = {task: model.output[task].shape[-1] for task in evaluation}
+    for task, dataset in evaluation.items():
+        check_labelled_data(dataset, task, "evaluation", classes[task])
 
     @tf.function
     def correct(x, y, task):
         logits = model(x, training=False)[task]
-        y = tf.cast(y, tf.int64)
-        hits = tf.equal(tf.argmax(logits, axis=-1), y)
-        bad = tf.reduce_sum(
-            tf.cast((y < 0) | (y >= tf.shape(logits, out_type=tf.int64)[-1]), tf.int64)
-        )
+        if y.shape.rank == 2 and y.shape[-1] != 1:  # one-hot rows
+            y, invalid = tf.argmax(y, axis=-1), tf.zeros([tf.shape(y)[0]], tf.bool)
+        else:
+            y, invalid = _invalid_labels(y, classes[task])
+        hits = tf.equal(tf.argmax(logits, axis=-1), tf.cast(y, tf.int64))
+        bad = tf.reduce_sum(tf.cast(invalid, tf.int64))
         return tf.reduce_sum(tf.cast(hits, tf.int64)), tf.size(y, out_type=tf.int64), bad
 
     result = {}
@@ -225,7 +314,7 @@ def task_accuracies(model: keras.Model, evaluation: Mapping[str, tf.data.Dataset
         for x, y in dataset:
             h, n, bad = correct(x, y, task)
             if int(bad):
-                _raise_label_range(task, "evaluation", y, model.output[task].shape[-1])
+                _raise_label_range(task, "evaluation", y, classes[task])
             hits, total = hits + int(h), total + int(n)
         result[task] = hits / max(total, 1)
     return result

@@ -313,6 +313,22 @@ def _zipped_unit_function(layer: _ZippedLayer, with_batch_norm: bool) -> tuple:
     return tuple(properties)
 
 
+def _unit_function(unit: graph.Unit, folded: bool) -> tuple:
+    """:func:`mtz_tf.graph.step_function` of a unit as :func:`_zipped_unit_function` has it:
+    without the flattened positions and, when its BatchNorm is ``folded`` into the weights,
+    without BatchNorm and with the bias that folding gives it."""
+    properties = []
+    for key, value in graph.step_function(unit):
+        if key == "flattened positions per channel":
+            continue
+        if folded and key.startswith("BatchNormalization"):
+            continue
+        if folded and key == "use_bias":
+            value = value or unit.batch_norm is not None
+        properties.append((key, value))
+    return tuple(properties)
+
+
 def _comparable(function: tuple) -> tuple:
     """A weightless step's function without a Flatten's data format (zipped models
     flatten channel-major by design, :class:`ChannelMajorFlatten`)."""
@@ -330,37 +346,92 @@ def _layer_function(layer: keras.layers.Layer) -> tuple:
     return _comparable(graph.step_function(graph.PassThrough(layer.name, kind, config)))
 
 
-def zipped_difference(zipped: keras.Model, plan: graph.Plan, folded: bool) -> str | None:
-    """Where a model of ``plan`` computes something else than the zipped model, or None.
+def _zipped_steps(zipped: keras.Model) -> list[tuple]:
+    """The steps of a zipped model read back from its Keras graph: ``(layer, inputs)`` per
+    layer in model order, ``inputs`` the indices of the layers it reads
+    (:data:`mtz_tf.graph.MODEL_INPUT` for the model input), in argument order.
 
-    Units are compared in order (activation by identity, use_bias, kernel size, strides,
-    padding and, unless BatchNorm was ``folded`` into the zipped weights, BatchNorm
-    presence and epsilon); the weightless layers (pooling, Flatten, Dropout, activations,
-    Add/Concatenate) are compared as a collection, type and function-defining config.
+    :func:`build_model` builds one layer per plan step and applies a weightless layer once
+    per task when tasks have their own tensors; every call reads the same layers, so the
+    first call within ``zipped`` gives the wiring. A zipped layer reads one layer (for one
+    tensor or one per task).
     """
-    for layer, unit in zip(zipped_layers(zipped), plan.units):
-        theirs = [
-            p
-            for p in graph.step_function(unit)
-            if p[0] != "flattened positions per channel"
-            and not (folded and p[0].startswith("BatchNormalization"))
-        ]
-        for (key, a), (_, b) in zip(_zipped_unit_function(layer, not folded), theirs):
-            if a != b:
-                return f"at layer {unit.name!r}: {key} {b!r} vs {a!r} (zipped layer {layer.name!r})"
-    mine = sorted(
-        repr(_layer_function(layer))
-        for layer in zipped.layers
-        if not isinstance(layer, (_ZippedLayer, keras.layers.InputLayer))
-    )
-    theirs = sorted(
-        repr(_comparable(graph.step_function(s)))
-        for s in plan.steps
-        if not isinstance(s, graph.Unit)
-    )
-    if mine != theirs:
-        odd = sorted(set(theirs) - set(mine)) or sorted(set(mine) - set(theirs))
-        return f"in its weightless layers (pooling, Flatten, Dropout, activations): {odd[:2]}"
+    own_layers = [
+        layer for layer in zipped.layers if not isinstance(layer, keras.layers.InputLayer)
+    ]
+    index = {id(layer): i for i, layer in enumerate(own_layers)}
+    nodes = {id(node) for depth in zipped._nodes_by_depth.values() for node in depth}
+    steps = []
+    for layer in own_layers:
+        node = next(n for n in layer._inbound_nodes if id(n) in nodes)
+        inputs = tuple(
+            index.get(id(tensor._keras_history.operation), graph.MODEL_INPUT)
+            for tensor in node.input_tensors
+        )
+        if isinstance(layer, _ZippedLayer):
+            inputs = tuple(dict.fromkeys(inputs))
+        steps.append((layer, inputs))
+    return steps
+
+
+def zipped_difference(zipped: keras.Model, plan: graph.Plan, folded: bool) -> str | None:
+    """Where a model of ``plan`` computes something else than the zipped model, as a phrase
+    naming the layer, the property and both values (as
+    :func:`mtz_tf.graph.first_difference`); None when they agree.
+
+    The zipped model's steps are read back from its graph (:func:`_zipped_steps`; its
+    layers keep the names of the first task's) and compared with ``plan``'s step by step:
+    layer type, the layers each step reads (in order), and the rest of its function — for a
+    unit activation by identity, use_bias, kernel size, strides and padding, and BatchNorm
+    presence and epsilon; when ``folded``, BatchNorm is compared as folded into the
+    weights, i.e. as a bias; for a weightless layer its function-defining config (pool size,
+    strides, padding, ...).
+    """
+    steps = _zipped_steps(zipped)
+    if len(steps) != len(plan.steps):
+        return (
+            f"in depth: {len(plan.steps)} vs {len(steps)} steps (layers, with BatchNorm and "
+            "activations counted with their Dense/Conv2D layer)"
+        )
+
+    def names(inputs: tuple, of: list) -> list:
+        return ["the model input" if i == graph.MODEL_INPUT else of[i] for i in inputs]
+
+    zipped_names = [layer.name for layer, _ in steps]
+    plan_names = [step.name for step in plan.steps]
+    for (layer, inputs), step in zip(steps, plan.steps):
+        where = f"at layer {step.name!r}"
+        if isinstance(layer, _ZippedLayer):
+            mine = _zipped_unit_function(layer, not folded)
+        else:
+            mine = _layer_function(layer)
+        if isinstance(step, graph.Unit):
+            theirs = _unit_function(step, folded)
+        else:
+            theirs = _comparable(graph.step_function(step))
+        zipped_at = f"(zipped layer {layer.name!r})"
+        if mine[0] != theirs[0]:
+            return f"{where}: layer type {theirs[0][1]!r} vs {mine[0][1]!r} {zipped_at}"
+        if step.inputs != inputs:
+            return (
+                f"{where}: inputs {names(step.inputs, plan_names)} vs "
+                f"{names(inputs, zipped_names)} {zipped_at}"
+            )
+        for (key, a), (_, b) in zip(mine[1:], theirs[1:]):
+            if a == b:
+                continue
+            if folded and key == "use_bias" and step.batch_norm is not None:
+                return (
+                    f"{where}: its BatchNormalization {step.batch_norm!r} folds into a bias, "
+                    f"but zipped layer {layer.name!r} has none (use_bias {b!r} vs {a!r})"
+                )
+            if key == "BatchNormalization after it":
+                zipped_at = (
+                    f"(zipped layer {layer.name!r}: a zip that keeps each task's BatchNorm, "
+                    "made with batch_norm='task', takes a new task only with BatchNorm on the "
+                    "same layers)"
+                )
+            return f"{where}: {key} {b!r} vs {a!r} {zipped_at}"
     return None
 
 

@@ -30,7 +30,7 @@ from mtz_tf import allocation, checkpoint, cost, graph, layer_zip, residual_zip,
 from mtz_tf import matching as matching_lib
 from mtz_tf.layer_zip import CRITERIA, HESSIAN_MODES, MERGES
 from mtz_tf.report import ZipReport
-from mtz_tf.retrain import Retrain, after_layer, task_accuracies
+from mtz_tf.retrain import Retrain, after_layer, check_labelled_data, task_accuracies
 
 _LOG = logging.getLogger("mtz_tf")
 
@@ -472,7 +472,8 @@ def add_task(
     Returns:
         ``(zipped, report)`` for the T + 1 tasks.
     """
-    if not isinstance(zipped, keras.Model) or not isinstance(zipped.output, dict):
+    # getattr: a subclassed model's `output` raises AttributeError (it has no graph).
+    if not isinstance(zipped, keras.Model) or not isinstance(getattr(zipped, "output", None), dict):
         raise TypeError(
             "`zipped` must be a model returned by zip_models (one input, a dict of task "
             f"outputs). Received: {type(zipped).__name__}"
@@ -500,10 +501,12 @@ def add_task(
             f"{[u.kind for u in plan.units]} vs "
             f"{[type(layer).__name__ for layer in zipped_layers]}."
         )
-    folded = any(
-        unit.batch_norm and layer.batch_norm is None
-        for layer, unit in zip(zipped_layers, plan.units)
-    )
+    # A zip holding no per-task BatchNorm computes each task's layers as affine maps (it was
+    # made with batch_norm="fold", or from models without BatchNorm): a newcomer's BatchNorm
+    # is folded the same way, into a bias the zipped layer must have. A zip that keeps
+    # per-task BatchNorm needs it on the same layers.
+    holds_batch_norm = any(layer.batch_norm for layer in zipped_layers)
+    folded = not holds_batch_norm and any(unit.batch_norm for unit in plan.units)
     difference = stack.zipped_difference(zipped, plan, folded)
     if difference is not None:
         raise ValueError(
@@ -594,17 +597,10 @@ def _check_side_data(evaluation, retrain, task_names: list[str]) -> None:
             f"`Retrain.train` must have one dataset per task {task_names}. Received keys: "
             f"{sorted(retrain.train)}"
         )
-    labelled = [
-        ("evaluation", evaluation or {}),
-        ("Retrain.train", retrain.train if retrain else {}),
-    ]
-    for what, datasets in labelled:
-        for task, dataset in datasets.items():
-            spec = getattr(dataset, "element_spec", None)
-            if not (isinstance(spec, tuple) and len(spec) == 2):
-                raise ValueError(
-                    f"The `{what}` data of task {task!r} must be a batched tf.data.Dataset of "
-                    f"(inputs, integer labels) pairs; its elements are {spec}. Pass "
-                    "`mtz_tf.data.to_dataset(x, y)` (labels are needed for accuracy and "
-                    "retraining)."
-                )
+    # Labels present and of a usable form, before any work; their range is checked on the
+    # batches read (evaluation: task_accuracies; retraining: a check op in its pipeline).
+    for task, dataset in (evaluation or {}).items():
+        check_labelled_data(dataset, task, "evaluation")
+    for task, dataset in (retrain.train if retrain else {}).items():
+        form = "sparse" if retrain.loss is None else "any"  # the default loss: class indices
+        check_labelled_data(dataset, task, "Retrain.train", labels=form)

@@ -155,7 +155,7 @@ def test_unsupported_layers_and_architecture_mismatch_are_named(lenet5_models, s
     calib = {"a": small[2], "b": small[2]}
     with pytest.raises(ValueError, match="'depthwise' of type DepthwiseConv2D"):
         mtz_tf.zip_models({"a": lenet5_models[0], "b": odd}, calib)
-    with pytest.raises(ValueError, match="different architectures"):
+    with pytest.raises(ValueError, match=r"Model 'b' differs from model 'a' in depth: 4 vs 7"):
         mtz_tf.zip_models({"a": lenet5_models[0], "b": models.lenet_300_100()}, calib)
     with pytest.raises(ValueError, match="must be at most its width 20"):
         mtz_tf.zip_models({"a": lenet5_models[0], "b": lenet5_models[1]}, calib, share=[21, 0, 0])

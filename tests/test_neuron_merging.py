@@ -308,7 +308,7 @@ def test_input_untouched_result_smaller_and_round_trips(tmp_path):
     merged.save(path)
     loaded = keras.models.load_model(path)
     x = _x((8, 8, 2), n=8)
-    np.testing.assert_allclose(_predict(loaded, x), _predict(merged, x), rtol=1e-6)
+    assert_close(_predict(loaded, x), _predict(merged, x))
 
 
 def test_sequential_model_and_ratio_zero():
@@ -324,7 +324,7 @@ def test_sequential_model_and_ratio_zero():
     )
     same = nm.compress(model, 0.0)
     x = _x((5,))
-    np.testing.assert_allclose(_predict(same, x), _predict(model, x), rtol=1e-6)
+    assert_close(_predict(same, x), _predict(model, x))
     smaller = nm.compress(model, 0.5)
     assert isinstance(smaller, keras.Sequential) and smaller.get_layer("a").units == 4
 

@@ -295,4 +295,4 @@ def test_hessians_of_per_task_inputs_are_each_tasks_own(resnet8, images):
             name = plan.units[index].name
             inputs = keras.Model(model.input, model.get_layer(name).input)(x).numpy()
             rows = inputs.reshape(-1, inputs.shape[-1]).astype(np.float64)
-            assert np.allclose(h.numpy(), rows.T @ rows / len(rows), rtol=1e-4, atol=1e-6)
+            assert_close(h.numpy(), rows.T @ rows / len(rows), what=f"H of {name!r}")

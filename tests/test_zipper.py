@@ -191,9 +191,14 @@ def _calib(shape=(6,), n=32):
 def test_bad_input_errors_name_the_problem():
     a, b = _tiny(), _tiny()
     calib = {"a": _calib(), "b": _calib()}
-    with pytest.raises(ValueError, match="different architectures"):
+    with pytest.raises(
+        ValueError, match=r"Model 'b' differs from model 'a' in depth: 4 vs 3 steps"
+    ):
         mtz_tf.zip_models({"a": a, "b": _tiny(depth=3)}, calib)
-    with pytest.raises(ValueError, match="different architectures"):
+    with pytest.raises(
+        ValueError,
+        match=r"Model 'b' differs from model 'a' at layer '\w+': activation 'tanh' vs 'relu'",
+    ):
         mtz_tf.zip_models({"a": a, "b": _tiny(activation="tanh")}, calib)
     with pytest.raises(ValueError, match=r"takes inputs of shape \(7,\)"):
         mtz_tf.zip_models({"a": a, "b": _tiny(input_shape=(7,))}, calib)

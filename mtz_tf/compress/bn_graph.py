@@ -259,7 +259,12 @@ def _make_group(members, sources, layers, parents, children, output_layers) -> C
             and activation not in _ELEMENTWISE
             and not activations.is_elementwise(activation)
         ):
-            reasons.append(f"{m!r} applies a non-element-wise activation {activation!r}")
+            unchecked = activations.unverifiable(activation)
+            reasons.append(
+                f"{m!r} applies {unchecked}"
+                if unchecked
+                else f"{m!r} applies a non-element-wise activation {activation!r}"
+            )
         for c in children[m]:
             if c in member_set:
                 continue

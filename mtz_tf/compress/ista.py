@@ -112,6 +112,18 @@ def memory_lambdas(model: keras.Model) -> dict[str, float]:
     return lambdas
 
 
+def _is_number(value) -> bool:
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.number))
+
+
+def _check_number(label: str, value, expected: str) -> None:
+    if not _is_number(value):
+        raise TypeError(
+            f"`{label}` must be {expected}. Received: {label}={value!r} of type "
+            f"{type(value).__name__}"
+        )
+
+
 @keras.saving.register_keras_serializable(package="mtz_tf")
 class ISTASGD(keras.optimizers.SGD):
     """SGD (with momentum) whose BatchNorm scales take momentum-free ISTA steps instead.
@@ -154,24 +166,45 @@ class ISTASGD(keras.optimizers.SGD):
             raise TypeError(
                 f"`lambdas` must be a dict {{BatchNorm name: lambda}}. Received: {lambdas!r}"
             )
-        for label, value in (("rho", rho), ("momentum", momentum)):
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-                raise TypeError(
-                    f"`{label}` must be a non-negative float. Received: {label}={value!r} "
-                    f"of type {type(value).__name__}"
-                )
-        if not rho >= 0:
-            raise ValueError(f"`rho` must be non-negative. Received: rho={rho}")
+        _check_number("rho", rho, "a non-negative float")
+        if not 0 <= rho < math.inf:
+            raise ValueError(f"`rho` must be non-negative and finite. Received: rho={rho}")
+        _check_number("momentum", momentum, "a float in [0, 1)")
         if not 0 <= momentum < 1:
             raise ValueError(f"`momentum` must be in [0, 1). Received: momentum={momentum}")
-        bad = {k: v for k, v in lambdas.items() if not isinstance(v, (int, float, np.number))}
+        # A LearningRateSchedule is callable, like the step-to-rate callables Keras takes.
+        if not _is_number(learning_rate) and not callable(learning_rate):
+            raise TypeError(
+                "`learning_rate` must be a positive float, a "
+                "`keras.optimizers.schedules.LearningRateSchedule` or a callable. Received: "
+                f"learning_rate={learning_rate!r} of type {type(learning_rate).__name__}"
+            )
+        if _is_number(learning_rate) and not 0 < learning_rate < math.inf:
+            raise ValueError(
+                f"`learning_rate` must be a positive float. Received: learning_rate={learning_rate}"
+            )
+        if not isinstance(nesterov, (bool, np.bool_)):
+            raise TypeError(
+                f"`nesterov` must be a bool. Received: nesterov={nesterov!r} of type "
+                f"{type(nesterov).__name__}"
+            )
+        bad = {k: v for k, v in lambdas.items() if not _is_number(v)}
         if bad:
             raise TypeError(f"`lambdas` values must be floats. Received: {bad}")
         negative = {k: v for k, v in lambdas.items() if not float(v) >= 0}
         if negative:
             raise ValueError(f"`lambdas` must be non-negative. Received: {negative}")
+        infinite = {k: v for k, v in lambdas.items() if not math.isfinite(float(v))}
+        if infinite:
+            raise ValueError(f"`lambdas` must be finite. Received: {infinite}")
+        if _is_number(learning_rate):
+            learning_rate = float(learning_rate)  # Keras takes Python floats only
         super().__init__(
-            learning_rate=learning_rate, momentum=momentum, nesterov=nesterov, name=name, **kwargs
+            learning_rate=learning_rate,
+            momentum=float(momentum),
+            nesterov=bool(nesterov),
+            name=name,
+            **kwargs,
         )
         self.lambdas = {str(k): float(v) for k, v in lambdas.items()}
         self.rho = float(rho)

@@ -366,7 +366,13 @@ def _trace(model: keras.Model, layer, consumers: dict[str, list]) -> _Unit | _Bl
     activations = []
     own = activation_lib.label(layer.activation)
     if not activation_lib.is_elementwise(own):
-        return _Blocked(name, "unsupported", f"its activation {own!r} is not element-wise")
+        unchecked = activation_lib.unverifiable(own)
+        reason = (
+            f"its activation is {unchecked}"
+            if unchecked
+            else f"its activation {own!r} is not element-wise"
+        )
+        return _Blocked(name, "unsupported", reason)
     if own != "linear":
         activations.append(own)
     found: list[tuple[str, int]] = []
@@ -408,10 +414,13 @@ def _trace(model: keras.Model, layer, consumers: dict[str, list]) -> _Unit | _Bl
                 stack.append((reader, flat))
             elif (activation := _activation_of(reader)) is not None:
                 if activation != _CAPPED_RELU and not activation_lib.is_elementwise(activation):
+                    unchecked = activation_lib.unverifiable(activation)
                     return _Blocked(
                         name,
                         "unsupported",
-                        f"activation {activation!r} of {reader.name!r} is not element-wise",
+                        f"the activation of {reader.name!r} is {unchecked}"
+                        if unchecked
+                        else f"activation {activation!r} of {reader.name!r} is not element-wise",
                     )
                 activations.append(activation)
                 stack.append((reader, flat))
