@@ -116,3 +116,29 @@ class InterruptAtTraining(keras.callbacks.Callback):
         self.calls += 1
         if self.calls == self.n:
             raise KeyboardInterrupt("simulated interruption")
+
+
+class SubclassedModel(keras.Model):
+    """A subclassed Keras model (layers wired in ``call``): what the graph readers refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(16, activation="relu")
+        self.head = keras.layers.Dense(4)
+
+    def call(self, x):
+        return self.head(self.hidden(x))
+
+
+def killed_on_call(function, n: int, message: str):
+    """``function`` wrapped to raise KeyboardInterrupt (a simulated kill) on its ``n``-th
+    call instead of running; other calls go through."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == n:
+            raise KeyboardInterrupt(message)
+        return function(*args, **kwargs)
+
+    return wrapper

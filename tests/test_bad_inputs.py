@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import SubclassedModel
 
 import mtz_tf
 from mtz_tf import data, io_utils
@@ -134,16 +135,6 @@ def _binary(script, *flags):
     raise SystemExit(own[0])
 
 
-class _Subclassed(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.hidden = keras.layers.Dense(16, activation="relu")
-        self.head = keras.layers.Dense(4)
-
-    def call(self, x):
-        return self.head(self.hidden(x))
-
-
 ROWS = [
     # zip_models: the models
     ("zip models as a list", lambda c: c.zip(models=[c.a, c.b]), ValueError, "must be a dict"),
@@ -197,7 +188,7 @@ ROWS = [
     ),
     (
         "zip a subclassed model",
-        lambda c: c.zip(models={"a": c.a, "b": _built(_Subclassed())}),
+        lambda c: c.zip(models={"a": c.a, "b": _built(SubclassedModel())}),
         TypeError,
         "subclassed keras.Model .* functional model",
     ),

@@ -7,6 +7,7 @@ import subprocess
 import keras
 import numpy as np
 import pytest
+from conftest import killed_on_call
 
 import mtz_tf
 from mtz_tf import checkpoint, data, io_utils
@@ -92,16 +93,9 @@ def test_interrupted_save_keeps_the_previous_snapshot(pair, samples, tmp_path, m
     """A kill between writing snapshot 2 and switching the pointer resumes from snapshot 1;
     a kill after the switch, before the old snapshot is removed, resumes from 2."""
     directory = tmp_path / "ckpt"
-    calls = []
     real_write = io_utils.write_text
-
-    def dies_on_second_pointer(path, text):
-        calls.append(text)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed before the pointer switch")
-        real_write(path, text)
-
-    monkeypatch.setattr(io_utils, "write_text", dies_on_second_pointer)
+    dies = killed_on_call(real_write, 2, "killed before the pointer switch")
+    monkeypatch.setattr(io_utils, "write_text", dies)
     with pytest.raises(KeyboardInterrupt):
         _zip(pair, samples, directory)
     monkeypatch.setattr(io_utils, "write_text", real_write)
@@ -184,23 +178,20 @@ def test_edited_completed_layers_is_refused(pair, samples, tmp_path, completed):
         _zip(pair, samples, directory)
 
 
-def test_truncated_model_is_reported_as_damaged(pair, samples, tmp_path):
+@pytest.mark.parametrize(
+    ("file", "keep", "pattern"),
+    [
+        (checkpoint.MODEL_FILE, 0.5, "zipped.keras' is damaged.*truncated"),
+        (checkpoint.PROGRESS_FILE, 40, "progress.json' is not valid JSON"),
+    ],
+)
+def test_a_truncated_file_is_reported_as_damaged(pair, samples, tmp_path, file, keep, pattern):
     directory = tmp_path / "ckpt"
     _zip(pair, samples, directory)
-    path = os.path.join(_snapshot(directory), checkpoint.MODEL_FILE)
+    path = os.path.join(_snapshot(directory), file)
     with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(ValueError, match="zipped.keras' is damaged.*truncated"):
-        _zip(pair, samples, directory)
-
-
-def test_truncated_progress_is_reported_as_damaged(pair, samples, tmp_path):
-    directory = tmp_path / "ckpt"
-    _zip(pair, samples, directory)
-    path = os.path.join(_snapshot(directory), checkpoint.PROGRESS_FILE)
-    with open(path, "r+b") as f:
-        f.truncate(40)
-    with pytest.raises(ValueError, match="progress.json' is not valid JSON"):
+        f.truncate(int(os.path.getsize(path) * keep) if isinstance(keep, float) else keep)
+    with pytest.raises(ValueError, match=pattern):
         _zip(pair, samples, directory)
 
 

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import SubclassedModel
 
 import mtz_tf
 from mtz_tf import cli, data, graph
@@ -38,16 +39,6 @@ def _residual(seed):
     r = keras.layers.Dense(8, activation="relu", kernel_initializer=init, name="h1")(h)
     x = keras.layers.Add(name="add")([h, r])
     return keras.Model(inputs, keras.layers.Dense(4, kernel_initializer=init, name="out")(x))
-
-
-class _Subclassed(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.hidden = keras.layers.Dense(16, activation="relu")
-        self.head = keras.layers.Dense(4)
-
-    def call(self, x):
-        return self.head(self.hidden(x))
 
 
 class _Setup:
@@ -101,7 +92,7 @@ def unchanged(setup):
 
 
 def _subclassed():
-    model = _Subclassed()
+    model = SubclassedModel()
     model(np.zeros((1, 10), "float32"))
     return model
 
@@ -115,7 +106,7 @@ def test_read_plan_refuses_a_subclassed_model():
     with pytest.raises(TypeError, match=r"subclassed keras.Model .*`call\(\)`.*functional model"):
         graph.read_plan(model)
     with pytest.raises(TypeError, match="subclassed keras.Model"):
-        graph.read_plan(_Subclassed())  # never called: no weights, no inputs
+        graph.read_plan(SubclassedModel())  # never called: no weights, no inputs
     for u, v in zip(before[0], _weights(model)[0]):
         np.testing.assert_array_equal(u, v)
 
@@ -123,7 +114,9 @@ def test_read_plan_refuses_a_subclassed_model():
 def test_zip_models_and_add_task_refuse_a_subclassed_model(setup, unchanged):
     model = _subclassed()
     before = _weights(model)
-    with pytest.raises(TypeError, match=r"Model '\w+' is a subclassed keras.Model \(_Subclassed\)"):
+    with pytest.raises(
+        TypeError, match=r"Model '\w+' is a subclassed keras.Model \(SubclassedModel\)"
+    ):
         mtz_tf.zip_models({"a": setup.a, "b": model}, setup.calibration(), verbose=0)
     with pytest.raises(TypeError, match="is a subclassed keras.Model.*keras.Sequential"):
         mtz_tf.add_task(setup.zipped, "c", model, setup.calibration("abc"), verbose=0)

@@ -6,6 +6,7 @@ import stat
 import keras
 import numpy as np
 import pytest
+from conftest import killed_on_call
 
 import mtz_tf
 from mtz_tf import io_utils
@@ -92,15 +93,7 @@ def test_without_an_atomic_exchange_the_parked_version_is_restored(tmp_path, mon
     target.mkdir()
     (target / "v1.txt").write_text("1")
     real_rename = os.rename
-    calls = []
-
-    def killed_between_renames(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed between the renames")
-        real_rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", killed_between_renames)
+    monkeypatch.setattr(os, "rename", killed_on_call(real_rename, 2, "killed between renames"))
     with pytest.raises(KeyboardInterrupt), io_utils.staged_directory(str(target)) as staging:
         open(os.path.join(staging, "v2.txt"), "w").close()
     monkeypatch.setattr(os, "rename", real_rename)
