@@ -245,12 +245,6 @@ def save_model(model: keras.Model, path: str) -> None:
         model.save(staging)
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path``, atomically."""
-    with staged_file(path) as staging, open(staging, "wb") as f:
-        f.write(data)
-
-
 def write_text(path: str, text: str) -> None:
     """Writes ``text`` to ``path``, atomically."""
     with staged_file(path) as staging, open(staging, "w") as f:
