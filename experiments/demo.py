@@ -27,7 +27,7 @@ def main(argv):
     tasks = ("fashion_a", "fashion_b")
     originals = {}
     for seed, task in enumerate(tasks, start=1):
-        print(f"== Training {task}: LeNet-300-100, seed {seed}, {FLAGS.epochs} epochs")
+        cli.logger.info(f"== Training {task}: LeNet-300-100, seed {seed}, {FLAGS.epochs} epochs")
         model = models.lenet_300_100(seed=seed, name=task)
         training.train_classifier(
             model,
@@ -46,9 +46,11 @@ def main(argv):
         for i, t in enumerate(tasks)
     }
     evaluation = {t: data.to_dataset(*splits["test"], batch_size=1000) for t in tasks}
-    print("== Zipping both hidden layers fully, no retraining")
+    cli.logger.info("== Zipping both hidden layers fully, no retraining")
     _, plain = mtz_tf.zip_models(originals, calibration, share=1.0, evaluation=evaluation)
-    print(f"== Zipping both hidden layers fully, {FLAGS.retrain_steps} retraining steps/layer")
+    cli.logger.info(
+        f"== Zipping both hidden layers fully, {FLAGS.retrain_steps} retraining steps/layer"
+    )
     retrain = mtz_tf.Retrain(
         {t: data.training_stream(x, y, 32, seed=i) for i, t in enumerate(tasks)},
         steps_per_layer=FLAGS.retrain_steps,
@@ -61,6 +63,10 @@ def main(argv):
     path = os.path.join(FLAGS.output_dir, "zipped.keras")
     io_utils.save_model(zipped, path)
     io_utils.write_json(os.path.join(FLAGS.output_dir, "report.json"), report.to_dict())
+    figure = os.path.join(FLAGS.output_dir, "report.png")
+    report.save_figure(figure)
+    print(f"\nZip report (retrained), per hidden layer:\n{report.table()}")
+    print(f"Report figure: {figure}")
 
     p = report.parameters
     print("\n| task | error original | error zipped | error zipped + retrained |")

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from mtz_tf import cli, data, deploy_report, io_utils
 from mtz_tf import exporter as export_lib
@@ -95,7 +95,7 @@ def main(argv):
     import keras  # Imported here so that --help is fast.
 
     config = {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0])}
-    logging.info("Export configuration: %s", config)
+    cli.logger.info("Export configuration: %s", config)
     zipped = keras.saving.load_model(FLAGS.model, compile=False)
     quantize = None if FLAGS.quantize == "none" else FLAGS.quantize
     sample = representative = None
@@ -122,10 +122,10 @@ def main(argv):
             **options,
         )
         for name, artifact in result["artifacts"].items():
-            logging.info("%s: %s (%d bytes)", name, artifact["path"], artifact["bytes"])
-        logging.info("Parity (max abs difference per artifact and task): %s", result["parity"])
+            cli.logger.info("%s: %s (%d bytes)", name, artifact["path"], artifact["bytes"])
+        cli.logger.info("Parity (max abs difference per artifact and task): %s", result["parity"])
         if quantize:
-            logging.info("Quantized TFLite: %s", json.dumps(result["quantized"]))
+            cli.logger.info("Quantized TFLite: %s", json.dumps(result["quantized"]))
     else:
         paths = FLAGS.separate_models
         separate = {

@@ -28,7 +28,7 @@ import time
 
 import keras
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
 from mtz_tf import cli, data, io_utils, models, training
 from mtz_tf.compress import flops, ista, l1_filter_pruning
@@ -106,7 +106,7 @@ def _row(method, rho, model, val, test, seconds, extra=None):
         "seconds": round(seconds, 1),
     }
     row.update(extra or {})
-    logging.info("%s", row)
+    cli.logger.info("%s", row)
     return row
 
 
@@ -125,7 +125,7 @@ def _previous_rows(config):
         if k not in ignored
     )
     if not same:
-        logging.warning("%s holds another configuration; it will be overwritten", path)
+        cli.logger.warning("%s holds another configuration; it will be overwritten", path)
         return {}
     done = {}
     for row in previous["rows"]:
@@ -170,7 +170,7 @@ def main(argv):
     config["command"] = " ".join(["python"] + sys.argv)
     # Rows of rhos already in --output_dir/results.json with this configuration are reused,
     # so a run can be extended with more rhos without recomputing the others.
-    logging.info("Configuration: %s", config)
+    cli.logger.info("Configuration: %s", config)
 
     images, labels = data.load("fashion_mnist", "train", data_dir=FLAGS.data_dir)
     x_all, y_all = data.normalize(images), labels
@@ -187,7 +187,7 @@ def main(argv):
     )
     start = time.time()
     if os.path.exists(pretrained_path):
-        logging.info("Reloading the pre-trained model from %s", pretrained_path)
+        cli.logger.info("Reloading the pre-trained model from %s", pretrained_path)
         pretrained = keras.models.load_model(pretrained_path, compile=False)
     else:
         pretrained = _build(x_train.shape[1:])
@@ -211,7 +211,7 @@ def main(argv):
 
     for rho in config["rhos"]:
         if rho in done:
-            logging.info(
+            cli.logger.info(
                 "Reusing the rows of rho=%g from an earlier run with this configuration", rho
             )
             rows.extend(done[rho])
@@ -241,7 +241,7 @@ def main(argv):
         io_utils.save_model(pruned, os.path.join(FLAGS.output_dir, f"ista_rho{rho}.keras"))
 
         if report.params_after == report.params_before:
-            logging.info("rho=%g removed no channel; no l1-norm baseline to match", rho)
+            cli.logger.info("rho=%g removed no channel; no l1-norm baseline to match", rho)
             _write_results(config, lambdas, rows)
             continue
         start = time.time()
@@ -273,7 +273,7 @@ def main(argv):
         )
         _write_results(config, lambdas, rows)
     _write_results(config, lambdas, rows)  # also when the last rhos were reused
-    logging.info("Results in %s", FLAGS.output_dir)
+    cli.logger.info("Results in %s", FLAGS.output_dir)
 
 
 _OWN_FLAGS = (

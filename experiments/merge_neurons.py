@@ -21,7 +21,7 @@ import json
 import sys
 
 import keras
-from absl import app, flags, logging
+from absl import app, flags
 
 from mtz_tf import cli, data, io_utils, torch_weights, training
 from mtz_tf.compress import criteria, neuron_merging
@@ -95,7 +95,7 @@ def _ratio():
 def main(argv):
     del argv
     config = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
-    logging.info("Configuration: %s", json.dumps(config, sort_keys=True))
+    cli.logger.info("Configuration: %s", json.dumps(config, sort_keys=True))
     model = _load_model()
     images, labels = data.load(FLAGS.dataset, split="test", data_dir=FLAGS.data_dir)
     x = data.normalize(images, FLAGS.normalization)
@@ -112,7 +112,7 @@ def main(argv):
     )
     after = training.accuracy(compressed, x, labels)
     for r in reports:
-        logging.info(
+        cli.logger.info(
             "%s: %d -> %d neurons (%d merged, %d only pruned)",
             r.name,
             r.units,
@@ -135,7 +135,7 @@ def main(argv):
     )
     if FLAGS.output:
         io_utils.save_model(compressed, FLAGS.output)
-        logging.info("Saved %s", FLAGS.output)
+        cli.logger.info("Saved %s", FLAGS.output)
     if FLAGS.results_json:
         io_utils.write_json(FLAGS.results_json, result)
 

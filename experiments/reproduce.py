@@ -18,7 +18,7 @@ import time
 
 import keras
 import residual_experiments as rx
-from absl import flags, logging
+from absl import flags
 
 import mtz_tf
 from mtz_tf import cli, data, io_utils, models, training
@@ -167,7 +167,9 @@ def same_task_experiment(build, name: str, variants=VARIANTS) -> dict:
                     "seconds": time.time() - began,
                 }
             )
-            logging.info("%s retrained=%s: test error %s", label, retrained, rows[-1]["test_error"])
+            cli.logger.info(
+                "%s retrained=%s: test error %s", label, retrained, rows[-1]["test_error"]
+            )
     original_test = {t: 1 - training.accuracy(originals[t], *splits["test"]) for t in tasks}
     return {
         "experiment": name,

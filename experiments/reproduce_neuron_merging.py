@@ -19,7 +19,7 @@ import sys
 import time
 
 import keras
-from absl import flags, logging
+from absl import flags
 
 from mtz_tf import cli, data, io_utils, models, torch_weights, training
 from mtz_tf.compress import neuron_merging
@@ -60,7 +60,7 @@ def _write(stem: str, markdown: str, payload: dict) -> None:
     for suffix, text in ((".md", markdown), (".json", json.dumps(payload, indent=2) + "\n")):
         path = os.path.join(FLAGS.output_dir, stem + suffix)
         io_utils.write_text(path, text)
-        logging.info("Wrote %s", path)
+        cli.logger.info("Wrote %s", path)
 
 
 def _pct(value: float) -> str:
@@ -90,7 +90,7 @@ def run_lenet300() -> None:
                 if mode == "merge":
                     row["merged"] = {r.name: r.merged for r in reports}
                     row["kept"] = {r.name: r.kept for r in reports}
-            logging.info(
+            cli.logger.info(
                 "%s %.1f: prune %.4f merge %.4f", criterion, ratio, row["prune"], row["merge"]
             )
             rows.append(row)
@@ -155,7 +155,7 @@ def run_lenet300() -> None:
 def _train_or_load(name, build, epochs, train, val):
     path = os.path.join(FLAGS.model_dir, f"{name}.keras")
     if os.path.exists(path) and not FLAGS.retrain:
-        logging.info("Loading cached %s", path)
+        cli.logger.info("Loading cached %s", path)
         return keras.models.load_model(path), None
     model = build()
     start = time.time()
@@ -213,7 +213,7 @@ def _sweep(model, val, test, settings, thresholds, criterion="l1-norm"):
             row[f"merge_{scale}_threshold"] = threshold
             row[f"merge_{scale}_test"] = training.accuracy(merged, *test)
             row[f"merge_{scale}_merged"] = {r.name: [r.kept, r.merged] for r in reports}
-        logging.info("%s: %s", label, row)
+        cli.logger.info("%s: %s", label, row)
         rows.append(row)
     return rows
 
@@ -306,7 +306,7 @@ def run_conv() -> None:
 
 def main(argv):
     del argv
-    logging.info(
+    cli.logger.info(
         "Configuration: %s",
         json.dumps({f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}),
     )

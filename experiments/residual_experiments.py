@@ -13,10 +13,9 @@ import time
 
 import keras
 import numpy as np
-from absl import logging
 
 import mtz_tf
-from mtz_tf import data, io_utils, models, stack, training
+from mtz_tf import cli, data, io_utils, models, stack, training
 from mtz_tf.compress import flops
 
 
@@ -37,13 +36,13 @@ def cached_classifier(
     """
     record = path[: -len(".keras")] + ".json"
     if os.path.exists(path) and os.path.exists(record):
-        logging.info("Reusing %s (delete it to retrain)", path)
+        cli.logger.info("Reusing %s (delete it to retrain)", path)
         return io_utils.load_model(path), io_utils.read_json(record)["iterations"]
     x, y = splits["train"]
     if train_size is not None and train_size < len(x):
         keep = np.sort(np.random.default_rng(seed).permutation(len(x))[:train_size])
         x, y = x[keep], y[keep]
-    logging.info("Training %s on %d samples (seed %d)", path, len(x), seed)
+    cli.logger.info("Training %s on %d samples (seed %d)", path, len(x), seed)
     model = build(seed)
     iterations = training.train_to_convergence(
         model,
@@ -208,7 +207,7 @@ def different_task_experiment(
                     "seconds": time.time() - began,
                 }
             )
-            logging.info("target %.2f retrained=%s: %s", target, retrained, rows[-1])
+            cli.logger.info("target %.2f retrained=%s: %s", target, retrained, rows[-1])
     return {
         "groups": [list(g) for g in groups],
         "tasks": tasks,

@@ -8,7 +8,7 @@ Example:
 import json
 import os
 
-from absl import flags, logging
+from absl import flags
 
 from mtz_tf import cli, data, io_utils, models, training
 
@@ -50,7 +50,7 @@ def main(argv):
         x, y = x[: FLAGS.train_size], y[: FLAGS.train_size]
     num_classes = len(classes) if classes else 10
     model = models.build(FLAGS.model, x.shape[1:], num_classes, FLAGS.width_multiplier, FLAGS.seed)
-    logging.info(
+    cli.logger.info(
         "Training %s on %d samples of %s (classes %s), seed %d, %d epochs",
         FLAGS.model,
         len(x),
@@ -80,7 +80,7 @@ def main(argv):
     }
     io_utils.save_model(model, FLAGS.output)
     io_utils.write_json(os.path.splitext(FLAGS.output)[0] + ".json", summary)
-    logging.info("Saved %s: %s", FLAGS.output, json.dumps(summary))
+    cli.logger.info("Saved %s: %s", FLAGS.output, json.dumps(summary))
 
 
 if __name__ == "__main__":

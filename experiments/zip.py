@@ -7,7 +7,7 @@ Example:
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 
 import mtz_tf
 from mtz_tf import cli, data, io_utils, zipper
@@ -59,7 +59,8 @@ flags.DEFINE_integer("seed", 0, "Seed of calibration sampling, data order, rando
 flags.DEFINE_string(
     "output",
     None,
-    "Where to save the zipped model (.keras); the report goes next to it as .json.",
+    "Where to save the zipped model (.keras); the report goes next to it as .json and its "
+    "figure as .png.",
     required=True,
 )
 
@@ -98,7 +99,7 @@ def main(argv):
     retrain = None
     if FLAGS.retrain_steps:
         retrain = mtz_tf.Retrain(train, FLAGS.retrain_steps, optimizer=optimizer())
-    logging.info(
+    cli.logger.info(
         "Zipping %s with share=%s, matching=%s, criterion=%s, merge=%s",
         tasks,
         FLAGS.share,
@@ -122,11 +123,17 @@ def main(argv):
     io_utils.save_model(zipped, FLAGS.output)
     result = report.to_dict()
     result["flags"] = {f.name: f.value for f in FLAGS.get_key_flags_for_module(__file__)}
-    io_utils.write_json(os.path.splitext(FLAGS.output)[0] + ".json", result)
+    stem = os.path.splitext(FLAGS.output)[0]
+    io_utils.write_json(stem + ".json", result)
+    report.save_figure(stem + ".png")
+    print(report.table())
     p = report.parameters
-    logging.info(
-        "Saved %s: %d parameters (%.1f%% of the %d of the input models)",
+    cli.logger.info(
+        "Saved %s (report %s.json, figure %s.png): %d parameters (%.1f%% of the %d of the "
+        "input models)",
         FLAGS.output,
+        stem,
+        stem,
         p["total"],
         100 * p["ratio"],
         p["input_models"],

@@ -3,7 +3,8 @@
 The public API: :func:`zip_models` and :func:`add_task` with :class:`Retrain`, the zipped
 layers (:class:`ZippedDense`, :class:`ZippedConv2D`), deployment (:func:`export`,
 :func:`deployment_report`), and the modules ``data``, ``models``, ``hessian``, ``cost``,
-``matching``, ``graph``, ``stack``, ``training``.
+``matching``, ``graph``, ``stack``, ``training``, and ``progress`` (where progress
+messages go: the ``mtz_tf`` logger).
 """
 
 from mtz_tf import (
@@ -16,6 +17,7 @@ from mtz_tf import (
     io_utils,
     matching,
     models,
+    progress,
     stack,
     training,
 )
@@ -52,6 +54,7 @@ __all__ = [
     "io_utils",
     "matching",
     "models",
+    "progress",
     "shared_fraction",
     "size_speed_report",
     "stack",

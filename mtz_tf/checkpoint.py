@@ -29,7 +29,7 @@ import numpy as np
 
 from mtz_tf import io_utils
 
-_LOG = logging.getLogger("mtz_tf")
+_LOG = logging.getLogger(__name__)
 
 MODEL_FILE = "zipped.keras"
 PROGRESS_FILE = "progress.json"
@@ -130,7 +130,7 @@ class ZipCheckpoint:
         directory: str, the checkpoint directory (created if missing).
         num_units: int, the number of hidden units the zip has.
         task_names: list of str, the zip's tasks in order.
-        verbose: int, print a line when resuming.
+        verbose: int, log the resume at INFO (else at DEBUG) on the ``mtz_tf`` logger.
     """
 
     def __init__(self, directory: str, num_units: int, task_names: list, verbose: int = 1):
@@ -276,9 +276,7 @@ class ZipCheckpoint:
             f"Resuming from checkpoint {snapshot!r}: {completed} of {self.num_units} units "
             f"zipped, saved {progress.get('saved_at', 'at an unknown time')}."
         )
-        _LOG.info(message)
-        if self.verbose:
-            print(message)
+        _LOG.log(logging.INFO if self.verbose else logging.DEBUG, message)
         return model, progress
 
     def save(self, model: keras.Model, completed: int, report: dict) -> None:

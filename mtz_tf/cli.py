@@ -1,14 +1,19 @@
-"""What the absl binaries share: user errors as one line on stderr, not a traceback."""
+"""What the absl binaries share: user errors as one line on stderr, not a traceback, and
+quiet output: their own progress lines, TensorFlow's and absl's INFO chatter only when asked
+for with ``--verbosity=1``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
 from absl import app, flags
+from absl import logging as absl_logging
 
+from mtz_tf import progress
 from mtz_tf.exporter import ParityError
 from mtz_tf.retrain import RetrainingDivergedError
 
@@ -24,6 +29,28 @@ USER_ERRORS = (
 traceback."""
 
 EXIT_USER_ERROR = 2
+
+logger = logging.getLogger("mtz_tf.experiments")
+"""The binaries' own progress messages, routed with the library's (:func:`route_output`)."""
+
+NOISY_LOGGERS = ("tensorflow", "absl", "keras")
+"""Python loggers of the frameworks underneath, whose INFO lines (SavedModel "Assets
+written", checkpoint sharding, signature renaming) bury the binaries' progress."""
+
+
+def route_output(verbosity: int) -> None:
+    """Routes messages by absl's ``--verbosity``: mtz_tf's progress as plain lines on
+    stderr (at 0, the default: information; at 1 or more: debugging too; below 0: warnings
+    only), and the frameworks' Python loggers (:data:`NOISY_LOGGERS`) at WARNING unless
+    ``verbosity`` ≥ 1 asks for their INFO lines. TensorFlow's C++ log is set by the
+    ``TF_CPP_MIN_LOG_LEVEL`` environment variable before TensorFlow loads (the Makefile
+    sets 2: warnings and errors hidden)."""
+    level = logging.DEBUG if verbosity >= 1 else logging.INFO if verbosity == 0 else logging.WARNING
+    progress.show(level)
+    if verbosity < 1:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        for name in NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _fail(message: str) -> NoReturn:
@@ -43,11 +70,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable) -> None:
-    """``absl.app.run(main)``, printing a user error (a bad flag, or one of
+    """``absl.app.run(main)`` with output routed by ``--verbosity`` (:func:`route_output`),
+    printing a user error (a bad flag, or one of
     :data:`USER_ERRORS` from ``main``) as ``<binary>: error: <message>`` on one line of
     stderr and exiting with status 2."""
 
     def guarded(argv):
+        route_output(flags.FLAGS.verbosity)
         try:
             return main(argv)
         except USER_ERRORS as error:

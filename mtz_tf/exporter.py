@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from mtz_tf import io_utils
 
-_LOG = logging.getLogger("mtz_tf")
+_LOG = logging.getLogger(__name__)
 
 FORMATS = ("keras", "saved_model", "tflite")
 QUANTIZE = (None, "dynamic", "int8")

@@ -71,37 +71,68 @@ def input_hessians(
     ``append_bias`` says for each whether x is augmented with a constant 1. Each H is
     normalised by its own row count (samples, or samples × positions for conv rows).
     """
+    (result,) = dataset_hessians(
+        lambda batch, index: features(batch), [dataset], append_bias, [description]
+    )
+    return result
+
+
+def dataset_hessians(
+    features: Callable[[tf.Tensor, tf.Tensor], list],
+    datasets: list[tf.data.Dataset],
+    append_bias: list[bool],
+    descriptions: list[str],
+) -> list[tuple[list[tf.Tensor], int]]:
+    """:func:`input_hessians` of several datasets with one traced step.
+
+    ``features(batch, index)`` receives the dataset's position in ``datasets`` as a scalar
+    int32 tensor (e.g. to pick task ``index``'s tensors), so the step is traced once for
+    all of them, and once whatever the batch size (a short last batch does not retrace).
+
+    Returns:
+        Per dataset, ``(hessians, samples)`` as :func:`input_hessians`.
+
+    Raises:
+        ValueError: if a dataset is empty, or its layer inputs hold NaN or inf (the message
+            names it by its entry of ``descriptions``).
+    """
     strategy = tf.distribute.get_strategy()
 
-    def replica_step(batch):
-        return [outer_sum(x, bias) for x, bias in zip(features(batch), append_bias)]
+    def replica_step(batch, index):
+        return [outer_sum(x, bias) for x, bias in zip(features(batch, index), append_bias)]
 
-    @tf.function
-    def step(batch):
-        sums = strategy.run(replica_step, args=(batch,))
+    @tf.function(reduce_retracing=True)
+    def step(batch, index):
+        sums = strategy.run(replica_step, args=(batch, index))
         reduce = tf.distribute.ReduceOp.SUM
         return [
             (strategy.reduce(reduce, total, axis=None), strategy.reduce(reduce, n, axis=None))
             for total, n in sums
         ]
 
-    totals, counts = None, None
-    for batch in strategy.experimental_distribute_dataset(dataset):
-        sums = step(batch)
-        if totals is None:
-            totals, counts = [t for t, _ in sums], [float(n) for _, n in sums]
-        else:
-            totals = [a + t for a, (t, _) in zip(totals, sums)]
-            counts = [c + float(n) for c, (_, n) in zip(counts, sums)]
-    if totals is None or not all(counts):
-        raise ValueError(
-            f"The {description} is empty: a Hessian needs at least one calibration sample."
-        )
-    # A NaN or inf anywhere in a layer input reaches its sum of outer products, so one check
-    # of the (d, d) totals covers every sample; later it would surface only as a NaN cost.
-    if not all(bool(tf.reduce_all(tf.math.is_finite(t))) for t in totals):
-        raise ValueError(
-            f"The {description} yields NaN or infinite layer inputs: it holds NaN/inf values "
-            "or values too large for float32. Give finite, normalised calibration inputs."
-        )
-    return [t / c for t, c in zip(totals, counts)], int(counts[0])
+    results = []
+    for position, (dataset, description) in enumerate(zip(datasets, descriptions)):
+        index = tf.constant(position, tf.int32)
+        totals, counts = None, None
+        for batch in strategy.experimental_distribute_dataset(dataset):
+            sums = step(batch, index)
+            if totals is None:
+                totals, counts = [t for t, _ in sums], [float(n) for _, n in sums]
+            else:
+                totals = [a + t for a, (t, _) in zip(totals, sums)]
+                counts = [c + float(n) for c, (_, n) in zip(counts, sums)]
+        if totals is None or not all(counts):
+            raise ValueError(
+                f"The {description} is empty: a Hessian needs at least one calibration sample."
+            )
+        # A NaN or inf anywhere in a layer input reaches its sum of outer products, so one
+        # check of the (d, d) totals covers every sample; later it would surface only as a
+        # NaN cost.
+        if not all(bool(tf.reduce_all(tf.math.is_finite(t))) for t in totals):
+            raise ValueError(
+                f"The {description} yields NaN or infinite layer inputs: it holds NaN/inf "
+                "values or values too large for float32. Give finite, normalised calibration "
+                "inputs."
+            )
+        results.append(([t / c for t, c in zip(totals, counts)], int(counts[0])))
+    return results

@@ -86,32 +86,31 @@ def layers_hessians(
         spans.append((len(outputs), len(items), per_task_input))
         outputs += items
     feature_model = keras.Model(model.input, outputs)
-    per_task = []
-    for t, (task, dataset) in enumerate(calibration.items()):
 
-        def features(batch, t=t):
-            flat = feature_model(batch, training=False)
-            flat = list(flat) if isinstance(flat, (list, tuple)) else [flat]
-            inputs = [
-                flat[start : start + count] if listed else flat[start]
-                for start, count, listed in spans
-            ]
-            return [
-                hessian_rows(
-                    (x if state.common_input else x[t])[..., : state.input_shared_units],
-                    state,
-                    mode,
+    def features(batch, t):
+        flat = feature_model(batch, training=False)
+        flat = list(flat) if isinstance(flat, (list, tuple)) else [flat]
+        rows = []
+        for (start, count, listed), state in zip(spans, states):
+            if listed:  # one tensor per task: task t's, picked by the traced index
+                x = tf.gather(
+                    tf.stack(
+                        [x[..., : state.input_shared_units] for x in flat[start : start + count]]
+                    ),
+                    t,
                 )
-                for x, state in zip(inputs, states)
-            ]
+            else:  # one tensor common to all tasks
+                x = flat[start][..., : state.input_shared_units]
+            rows.append(hessian_rows(x, state, mode))
+        return rows
 
-        hessians, _ = hessian.input_hessians(
-            features,
-            dataset,
-            [state.use_bias for state in states],
-            description=f"calibration data of task {task!r}",
-        )
-        per_task.append(hessians)
+    results = hessian.dataset_hessians(
+        features,
+        list(calibration.values()),
+        [state.use_bias for state in states],
+        [f"calibration data of task {task!r}" for task in calibration],
+    )
+    per_task = [hessians for hessians, _ in results]
     return [list(h) for h in zip(*per_task)]
 
 

@@ -1,9 +1,11 @@
-"""The JSON-serializable report that ``zip_models`` returns."""
+"""The JSON-serializable report that ``zip_models`` returns, as a table and a figure."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+
+from mtz_tf import io_utils
 
 
 @dataclasses.dataclass
@@ -79,6 +81,114 @@ class ZipReport:
     share_allocation: dict | None = None
     coupled_groups: list | None = None
     alignment_seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def table(self) -> str:
+        """The report as a table for the terminal (Markdown pipes): per hidden layer its
+        stream, shared count / width, merge cost, each task's accuracy right after zipping
+        and after retraining (when labels were given), retraining steps and seconds; then
+        the input models' accuracy and the parameter counts."""
+        streams = {n: i + 1 for i, group in enumerate(self.coupled_groups or []) for n in group}
+        tasks = list(self.tasks)
+        header = ["layer", "stream", "shared / width", "merge cost"]
+        measured = [
+            (label, key)
+            for label, key in (
+                ("zipped", "accuracy_before_retraining"),
+                ("retrained", "accuracy_after_retraining"),
+            )
+            if any(getattr(layer, key) for layer in self.layers)
+        ]
+        header += [f"acc {label} {t}" for label, _ in measured for t in tasks]
+        header += ["retrain steps", "seconds"]
+        rows = []
+        for layer in self.layers:
+            row = [
+                layer.name,
+                str(streams.get(layer.name, "")),
+                f"{layer.shared} / {min(layer.widths.values())}",
+                f"{layer.merge_cost:.4g}",
+            ]
+            for _, key in measured:
+                accuracy = getattr(layer, key) or {}
+                row += [f"{accuracy[t]:.4f}" if t in accuracy else "" for t in tasks]
+            rows.append(row + [str(layer.retrain_steps), f"{layer.seconds:.1f}"])
+        lines = [
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join("---" for _ in header) + "|",
+        ] + ["| " + " | ".join(row) + " |" for row in rows]
+        if self.accuracy_original:
+            original = ", ".join(f"{t} {a:.4f}" for t, a in self.accuracy_original.items())
+            lines.append(f"\nAccuracy of the input models: {original}.")
+        if self.parameters:
+            p = self.parameters
+            lines.append(
+                f"Parameters: {p['input_models']:,} in the input models -> {p['total']:,} "
+                f"zipped ({100 * p['ratio']:.1f} %), {p['shared']:,} of them shared."
+            )
+        return "\n".join(lines)
+
+    def figure(self):
+        """A Matplotlib figure of the zip, per hidden layer (input to output): the shared
+        count against the layer's width (the narrowest task's), the merge cost (log scale),
+        and, when labels were given, each task's accuracy right after zipping the layer
+        and after its retraining, the input models' accuracy as dashed lines. Layers of
+        one residual stream carry its number (``s1``, ...)."""
+        from matplotlib.figure import Figure
+
+        names = [layer.name for layer in self.layers]
+        streams = {n: i + 1 for i, group in enumerate(self.coupled_groups or []) for n in group}
+        labels = [f"{n}\n(s{streams[n]})" if n in streams else n for n in names]
+        positions = list(range(len(names)))
+        accuracy = self.accuracy_original is not None or any(
+            layer.accuracy_before_retraining for layer in self.layers
+        )
+        rows = 3 if accuracy else 2
+        figure = Figure(figsize=(max(6.0, 0.5 * len(names) + 2), 2.6 * rows))
+        axes = figure.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+        widths = [min(layer.widths.values()) for layer in self.layers]
+        axes[0].bar(positions, widths, color="0.85", label="width")
+        axes[0].bar(positions, [layer.shared for layer in self.layers], label="shared")
+        axes[0].set_ylabel("neurons")
+        axes[0].legend(fontsize=7)
+        costs = [max(layer.merge_cost, 1e-12) for layer in self.layers]
+        axes[1].plot(positions, costs, "o-")
+        axes[1].set_yscale("log")
+        axes[1].set_ylabel("merge cost")
+        if accuracy:
+            ax = axes[2]
+            for index, task in enumerate(self.tasks):
+                color = f"C{index}"
+                for key, style, label in (
+                    ("accuracy_before_retraining", "o--", "zipped"),
+                    ("accuracy_after_retraining", "s-", "retrained"),
+                ):
+                    values = [(getattr(layer, key) or {}).get(task) for layer in self.layers]
+                    points = [(i, v) for i, v in zip(positions, values) if v is not None]
+                    if points:
+                        xs, ys = zip(*points)
+                        ax.plot(xs, ys, style, color=color, label=f"{task} {label}")
+                if self.accuracy_original and task in self.accuracy_original:
+                    ax.axhline(self.accuracy_original[task], color=color, ls=":", lw=1)
+            ax.set_ylabel("accuracy")
+            ax.legend(fontsize=7)
+        axes[-1].set_xticks(positions, labels, rotation=45, ha="right", fontsize=7)
+        ratio = self.parameters.get("ratio")
+        title = f"Zip of {', '.join(self.tasks)}"
+        if ratio is not None:
+            title += f": {100 * ratio:.1f} % of the input models' parameters"
+        axes[0].set_title(title, fontsize=9)
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        figure.tight_layout()
+        return figure
+
+    def save_figure(self, path: str) -> None:
+        """Writes :meth:`figure` to ``path`` (PNG, or the format its extension names),
+        atomically."""
+        io_utils.save_figure(self.figure(), path, dpi=120)
 
     @property
     def retrain_steps(self) -> int:

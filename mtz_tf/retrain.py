@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,8 @@ import tensorflow as tf
 
 from mtz_tf import stack
 from mtz_tf.report import LayerReport
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -363,5 +366,5 @@ def after_layer(
     timings["retrain_and_evaluation"] = layer_report.seconds - sum(timings.values())
     layer_report.timings = timings
     if verbose:
-        print(layer_report.progress_line(index, count))
+        _LOG.info(layer_report.progress_line(index, count))
     return layer_report, start_step + steps

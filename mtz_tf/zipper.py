@@ -32,7 +32,7 @@ from mtz_tf.layer_zip import CRITERIA, HESSIAN_MODES, MERGES
 from mtz_tf.report import ZipReport
 from mtz_tf.retrain import Retrain, after_layer, check_labelled_data, task_accuracies
 
-_LOG = logging.getLogger("mtz_tf")
+_LOG = logging.getLogger(__name__)
 
 
 def _validate_models(models: Mapping[str, keras.Model]) -> dict[str, graph.Plan]:
@@ -369,7 +369,7 @@ def zip_models(
             plans, models, calibration, share, config, batch_norm, widths
         )
         if verbose:
-            print(f"Share allocation for {share}: per-layer counts {shares}")
+            _LOG.info("Share allocation for %s: per-layer counts %s", share, shares)
     else:
         shares = resolve_shares(share, hidden, widths)
     report = ZipReport(

@@ -40,7 +40,7 @@ def test_train_then_zip_binaries(tmp_path):
         summary = json.load(open(path.replace(".keras", ".json")))
         assert 0.5 < summary["test_accuracy"] <= 1.0 and summary["flags"]["seed"] == seed
     zipped_path = str(tmp_path / "zipped.keras")
-    run(
+    result = run(
         "zip.py",
         f"--models={','.join(paths)}",
         "--tasks=a,b",
@@ -52,6 +52,20 @@ def test_train_then_zip_binaries(tmp_path):
     report = json.load(open(zipped_path.replace(".keras", ".json")))
     assert [layer["shared"] for layer in report["layers"]] == [200, 50]
     assert report["retrain_steps"] == 10 and report["flags"]["share"] == "fc1=200,fc2=0.5"
+    # Output: the report table on stdout, progress as plain lines on stderr, no framework
+    # INFO lines (absl's "I1202 12:00:00.000 ..." format, TensorFlow's "INFO:tensorflow:").
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| fc")]
+    assert [row.split(" | ")[2] for row in rows] == ["200 / 300", "50 / 100"]
+    assert "[zip 1/2] fc1: shared 200/300" in result.stderr
+    assert "Saved " in result.stderr
+    noise = [
+        line
+        for line in result.stderr.splitlines()
+        if line.startswith(("INFO:", "I1", "I0", "W1", "W0")) or "retracing" in line
+    ]
+    assert not noise, noise
+    with open(zipped_path.replace(".keras", ".png"), "rb") as figure:
+        assert figure.read(8) == b"\x89PNG\r\n\x1a\n"
     zipped = keras.saving.load_model(zipped_path)
     outputs = zipped(np.zeros((2, 28, 28, 1), np.float32))
     assert set(outputs) == {"a", "b"}
