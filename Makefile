@@ -7,7 +7,7 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-all data lint bench reproduce clean
+.PHONY: demo test test-slow test-all data lint bench reproduce clean
 
 $(STAMP): setup.py requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ data:
 demo: $(STAMP) data
 	$(PY) experiments/demo.py --output_dir=artifacts/demo
 
+# `make test`: the fast suite (a few minutes); `make test-slow`: the tests marked slow (over
+# about 20 s each); CI (.ci/run) runs both, so nothing loses coverage.
 test: $(STAMP) data
 	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP) data
+	$(PY) -m pytest -q -m slow tests
 
 test-all: $(STAMP) data
 	$(PY) -m pytest -q tests

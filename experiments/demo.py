@@ -6,6 +6,8 @@ the zipped model, exports it (.keras, SavedModel, TFLite; parity-checked) and pr
 zipping saves in file size and latency against the two separate models.
 """
 
+import quiet_startup  # noqa: F401 (first: quiets TensorFlow's native log)
+
 import os
 
 from absl import flags

@@ -12,10 +12,11 @@ Example:
         --separate_models=artifacts/demo/fashion_a.keras,artifacts/demo/fashion_b.keras
 """
 
+import quiet_startup  # noqa: F401 (first: quiets TensorFlow's native log)
+
 import json
 import os
 import re
-import sys
 
 from absl import flags
 
@@ -94,7 +95,7 @@ def main(argv):
     del argv
     import keras  # Imported here so that --help is fast.
 
-    config = {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0])}
+    config = cli.own_flags()
     cli.logger.info("Export configuration: %s", config)
     zipped = keras.saving.load_model(FLAGS.model, compile=False)
     quantize = None if FLAGS.quantize == "none" else FLAGS.quantize

@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import quiet_startup  # noqa: F401 (first: quiets TensorFlow's native log)
+
 import dataclasses
 import json
 import os

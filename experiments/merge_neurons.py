@@ -17,6 +17,8 @@ Examples:
 
 from __future__ import annotations
 
+import quiet_startup  # noqa: F401 (first: quiets TensorFlow's native log)
+
 import json
 import sys
 

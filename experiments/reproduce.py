@@ -12,6 +12,8 @@ budget is 1/20 of the iterations training one model from scratch needed. Writes
 results/<experiment>_fashion_mnist.{json,md}.
 """
 
+import quiet_startup  # noqa: F401 (first: quiets TensorFlow's native log)
+
 import os
 import sys
 import time

@@ -13,6 +13,8 @@ on the validation split; the test set is only reported.
 
 from __future__ import annotations
 
+import quiet_startup  # noqa: F401 (first: quiets TensorFlow's native log)
+
 import json
 import os
 import sys

@@ -5,6 +5,8 @@ Example:
         --permute_hidden --output=artifacts/lenet_a.keras
 """
 
+import quiet_startup  # noqa: F401 (first: quiets TensorFlow's native log)
+
 import json
 import os
 
@@ -73,7 +75,7 @@ def main(argv):
         model = models.permute_hidden(model, seed=FLAGS.seed + 1000)
         training.compile_classifier(model, FLAGS.learning_rate)
     summary = {
-        "flags": {f.name: f.value for f in FLAGS.get_key_flags_for_module(__file__)},
+        "flags": cli.own_flags(),
         "validation_accuracy": training.accuracy(model, *splits["validation"]),
         "test_accuracy": training.accuracy(model, *splits["test"]),
         "parameters": model.count_params(),

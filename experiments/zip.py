@@ -5,6 +5,8 @@ Example:
         --share=1.0 --retrain_steps=100 --output=artifacts/zipped.keras
 """
 
+import quiet_startup  # noqa: F401 (first: quiets TensorFlow's native log)
+
 import os
 
 from absl import app, flags
@@ -122,7 +124,7 @@ def main(argv):
     )
     io_utils.save_model(zipped, FLAGS.output)
     result = report.to_dict()
-    result["flags"] = {f.name: f.value for f in FLAGS.get_key_flags_for_module(__file__)}
+    result["flags"] = cli.own_flags()
     stem = os.path.splitext(FLAGS.output)[0]
     io_utils.write_json(stem + ".json", result)
     report.save_figure(stem + ".png")

@@ -42,15 +42,22 @@ def route_output(verbosity: int) -> None:
     """Routes messages by absl's ``--verbosity``: mtz_tf's progress as plain lines on
     stderr (at 0, the default: information; at 1 or more: debugging too; below 0: warnings
     only), and the frameworks' Python loggers (:data:`NOISY_LOGGERS`) at WARNING unless
-    ``verbosity`` ≥ 1 asks for their INFO lines. TensorFlow's C++ log is set by the
+    ``verbosity`` ≥ 1 asks for their INFO lines (then at INFO). TensorFlow's C++ log is set by the
     ``TF_CPP_MIN_LOG_LEVEL`` environment variable before TensorFlow loads (the Makefile
     sets 2: warnings and errors hidden)."""
     level = logging.DEBUG if verbosity >= 1 else logging.INFO if verbosity == 0 else logging.WARNING
     progress.show(level)
+    framework_level = logging.WARNING if verbosity < 1 else logging.INFO
     if verbosity < 1:
         absl_logging.set_verbosity(absl_logging.WARNING)
-        for name in NOISY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(framework_level)
+
+
+def own_flags() -> dict:
+    """{name: value} of the flags the running binary defines itself (absl files a script's
+    flags under ``sys.argv[0]`` as typed, which ``__file__`` is not: it is absolute)."""
+    return {f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(sys.argv[0])}
 
 
 def _fail(message: str) -> NoReturn:

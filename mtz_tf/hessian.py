@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import tensorflow as tf
 
 
@@ -26,7 +25,7 @@ def augment(x: tf.Tensor) -> tf.Tensor:
 
 def outer_sum(x: tf.Tensor, append_bias: bool) -> tuple[tf.Tensor, tf.Tensor]:
     """Σ_n x̃_n x̃_nᵀ (float64, (d, d) or (d+1, d+1)) and the row count n of a batch (n, d)."""
-    x = tf.cast(tf.reshape(x, [tf.shape(x)[0], int(np.prod(x.shape[1:]))]), tf.float64)  # (n, d)
+    x = tf.cast(tf.reshape(x, [tf.shape(x)[0], -1]), tf.float64)  # (n, d)
     if append_bias:
         x = augment(x)
     return tf.matmul(x, x, transpose_a=True), tf.cast(tf.shape(x)[0], tf.float64)
@@ -87,7 +86,8 @@ def dataset_hessians(
 
     ``features(batch, index)`` receives the dataset's position in ``datasets`` as a scalar
     int32 tensor (e.g. to pick task ``index``'s tensors), so the step is traced once for
-    all of them, and once whatever the batch size (a short last batch does not retrace).
+    all datasets of one element spec, whatever their batch sizes (a short last batch does
+    not retrace).
 
     Returns:
         Per dataset, ``(hessians, samples)`` as :func:`input_hessians`.
@@ -101,7 +101,6 @@ def dataset_hessians(
     def replica_step(batch, index):
         return [outer_sum(x, bias) for x, bias in zip(features(batch, index), append_bias)]
 
-    @tf.function(reduce_retracing=True)
     def step(batch, index):
         sums = strategy.run(replica_step, args=(batch, index))
         reduce = tf.distribute.ReduceOp.SUM
@@ -110,12 +109,28 @@ def dataset_hessians(
             for total, n in sums
         ]
 
+    traced = {}  # element spec -> one tf.function of `step` for all datasets of that spec
+
+    def traced_step(spec):
+        if all(isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(spec)):
+            # A batched dataset's spec leaves the batch size open: one trace serves every
+            # batch, the last short one included.
+            signature = [spec, tf.TensorSpec([], tf.int32)]
+            key = tuple(tf.nest.flatten(spec))
+        else:  # e.g. per-replica values of a multi-device strategy
+            signature, key = None, None
+        if key not in traced:
+            traced[key] = tf.function(step, input_signature=signature, reduce_retracing=True)
+        return traced[key]
+
     results = []
     for position, (dataset, description) in enumerate(zip(datasets, descriptions)):
         index = tf.constant(position, tf.int32)
         totals, counts = None, None
-        for batch in strategy.experimental_distribute_dataset(dataset):
-            sums = step(batch, index)
+        distributed = strategy.experimental_distribute_dataset(dataset)
+        step_function = traced_step(distributed.element_spec)
+        for batch in distributed:
+            sums = step_function(batch, index)
             if totals is None:
                 totals, counts = [t for t, _ in sums], [float(n) for _, n in sums]
             else:

@@ -93,12 +93,8 @@ def layers_hessians(
         rows = []
         for (start, count, listed), state in zip(spans, states):
             if listed:  # one tensor per task: task t's, picked by the traced index
-                x = tf.gather(
-                    tf.stack(
-                        [x[..., : state.input_shared_units] for x in flat[start : start + count]]
-                    ),
-                    t,
-                )
+                parts = [x[..., : state.input_shared_units] for x in flat[start : start + count]]
+                x = tf.gather(tf.stack(parts), t)
             else:  # one tensor common to all tasks
                 x = flat[start][..., : state.input_shared_units]
             rows.append(hessian_rows(x, state, mode))

@@ -48,6 +48,7 @@ def test_lenet5_permutation_recovery(lenet5_models, small, fashion, hessian):
     assert all(layer.merge_cost < 1e-6 for layer in report.layers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_norm", ["task", "fold"])
 def test_vgg16_with_batch_norm_permutation_recovery(vgg, small, fashion, batch_norm):
     permuted = models.permute_hidden(vgg, seed=4)

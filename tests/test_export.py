@@ -356,6 +356,7 @@ def test_task_functions_match_the_zipped_model(lenet_a, lenet_b, calibration, sa
         assert_close(forward(tf.constant(x)), expected[task])
 
 
+@pytest.mark.slow
 def test_conv_zipped_model_with_batch_norm_round_trips(fashion, tmp_path):
     # Two VGG-16 with BatchNorm (per-task BN after shared convs), half shared.
     x = fashion[2][:64]

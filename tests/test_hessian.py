@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_close
 
 from mtz_tf import hessian
 
@@ -42,3 +43,23 @@ def test_empty_dataset_is_an_error():
     dataset = tf.data.Dataset.from_tensor_slices(np.zeros((0, 3), np.float32)).batch(4)
     with pytest.raises(ValueError, match="task 'a'.* is empty"):
         hessian.input_hessian(lambda b: b, dataset, description="task 'a' data")
+
+
+def test_one_trace_serves_every_dataset_and_batch_size():
+    """The features are traced once for three datasets of one spec, each ending in a short
+    batch, and the Hessians equal the direct means over each dataset."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(n, 3)).astype(np.float32) for n in (7, 10, 5)]
+    datasets = [tf.data.Dataset.from_tensor_slices(a).batch(4) for a in arrays]
+    traces = []
+
+    def features(batch, index):
+        traces.append(index)
+        return [batch * tf.cast(index + 1, batch.dtype)]
+
+    results = hessian.dataset_hessians(features, datasets, [False], ["a", "b", "c"])
+    assert len(traces) == 1
+    for i, (a, (hessians, count)) in enumerate(zip(arrays, results)):
+        scaled = a.astype(np.float64) * (i + 1)
+        assert count == len(a)
+        assert_close(hessians[0].numpy(), scaled.T @ scaled / len(a))

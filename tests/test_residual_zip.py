@@ -41,18 +41,13 @@ def images(fashion):
     return x, data.to_dataset(x, batch_size=64)
 
 
-@pytest.fixture(scope="module")
-def zipped_pair(resnet, images):
+@pytest.mark.slow
+def test_resnet20_permutation_recovery(resnet, images):
+    x, calib = images
     permuted = models.permute_hidden(resnet, seed=5)
-    calib = images[1]
-    return permuted, mtz_tf.zip_models(
+    zipped, report = mtz_tf.zip_models(
         {"a": resnet, "b": permuted}, {"a": calib, "b": calib}, verbose=0
     )
-
-
-def test_resnet20_permutation_recovery(resnet, images, zipped_pair):
-    x = images[0]
-    permuted, (zipped, report) = zipped_pair
     assert_close(permuted(x), resnet(x))
     outputs = zipped(x)
     assert_close(outputs["a"], resnet(x))
@@ -61,7 +56,7 @@ def test_resnet20_permutation_recovery(resnet, images, zipped_pair):
     assert len(report.coupled_groups) == 3 and len(report.layers) == 21
 
 
-@pytest.mark.parametrize("hessian", ["channel", "patch"])
+@pytest.mark.parametrize("hessian", ["channel", pytest.param("patch", marks=pytest.mark.slow)])
 def test_resnet_permutation_recovery_with_folded_batch_norm(resnet8, images, hessian):
     x, calib = images
     permuted = models.permute_hidden(resnet8, seed=6)
@@ -78,6 +73,7 @@ def test_resnet_permutation_recovery_with_folded_batch_norm(resnet8, images, hes
     assert all(layer.common_output for layer in mtz_tf.stack.zipped_layers(zipped)[:-1])
 
 
+@pytest.mark.slow
 def test_three_resnets_zip_into_one(resnet8, images):
     x, calib = images
     base = resnet8
@@ -92,6 +88,7 @@ def test_three_resnets_zip_into_one(resnet8, images):
     assert report.parameters["total"] == trunk - bn + 3 * bn + heads
 
 
+@pytest.mark.slow
 def test_partial_share_keeps_streams_consistent(resnet8, images):
     x, calib = images
     resnet = resnet8
@@ -115,6 +112,7 @@ def test_partial_share_keeps_streams_consistent(resnet8, images):
     assert_close(unshared(x)["b"], other(x))
 
 
+@pytest.mark.slow
 def test_adding_a_permuted_copy_to_a_zipped_resnet_from_disk(resnet8, images, tmp_path):
     x, calib = images
     pair = {"a": resnet8, "b": models.permute_hidden(resnet8, 11)}
@@ -133,6 +131,7 @@ def test_adding_a_permuted_copy_to_a_zipped_resnet_from_disk(resnet8, images, tm
     assert all(np.array_equal(b, a) for b, a in zip(before, loaded.get_weights()))
 
 
+@pytest.mark.slow
 def test_adding_a_task_to_a_partially_zipped_resnet(resnet8, images):
     x, calib = images
     other = _with_batch_norm_statistics(
@@ -172,6 +171,7 @@ def test_adding_a_task_to_a_partially_zipped_resnet(resnet8, images):
     assert_close(side_by_side(x)["a"], resnet8(x))
 
 
+@pytest.mark.slow
 def test_share_budget_gives_each_stream_one_count(resnet8, images):
     _, calib = images
     other = _with_batch_norm_statistics(
@@ -192,6 +192,7 @@ def test_share_budget_gives_each_stream_one_count(resnet8, images):
     assert list(counts.values()) != widths  # not simply everything
 
 
+@pytest.mark.slow
 def test_residual_zip_resumes_from_checkpoint(resnet8, images, fashion, tmp_path):
     _, calib = images
     other = models.permute_hidden(resnet8, 9)
@@ -257,9 +258,9 @@ def test_stream_matching_uses_the_summed_cost_of_all_writers():
     assert report.coupled_groups == [["a", "b"]]
 
 
-def test_residual_bad_input(resnet, images, zipped_pair):
+def test_residual_bad_input(resnet, images):
     _, calib = images
-    other, _ = zipped_pair
+    other = models.permute_hidden(resnet, seed=5)
     pair, calibration = {"a": resnet, "b": other}, {"a": calib, "b": calib}
     with pytest.raises(ValueError, match="must share the same number of neurons"):
         mtz_tf.zip_models(pair, calibration, share={"stem_conv": 2}, verbose=0)

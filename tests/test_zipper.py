@@ -123,6 +123,7 @@ def test_same_seeds_give_same_zipped_weights(lenet_a, lenet_b, calibration, fash
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_gives_the_same_result(lenet_a, lenet_b, calibration, fashion):
     models_ = {"a": lenet_a, "b": lenet_b}
     calib = {"a": calibration, "b": calibration}
@@ -273,6 +274,7 @@ def test_baselines_cost_more_than_mtz(lenet_a, lenet_b, calibration, fashion):
         )
 
 
+@pytest.mark.slow
 def test_share_budget_allocates_counts_to_meet_the_target(lenet_a, lenet_b, calibration):
     models_ = {"a": lenet_a, "b": lenet_b}
     calib = {"a": calibration, "b": calibration}
