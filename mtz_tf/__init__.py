@@ -1,6 +1,7 @@
 """mtz_tf: Multi-Task Zipping and within-model compression for Keras models.
 
-The public API: :func:`zip_models` and :func:`add_task` with :class:`Retrain`, the zipped
+The public API: :func:`zip_models` and :func:`add_task` with :class:`Retrain`,
+:func:`describe` (what zipping will do with a model), the zipped
 layers (:class:`ZippedDense`, :class:`ZippedConv2D`), deployment (:func:`export`,
 :func:`deployment_report`), and the modules ``data``, ``models``, ``hessian``, ``cost``,
 ``matching``, ``graph``, ``stack``, ``training``, and ``progress`` (where progress
@@ -24,6 +25,7 @@ from mtz_tf import (
 from mtz_tf.allocation import ShareBudget, shared_fraction
 from mtz_tf.deploy_report import DeploymentReport, deployment_report, size_speed_report
 from mtz_tf.exporter import ParityError, export
+from mtz_tf.graph import describe
 from mtz_tf.layers import ChannelMajorFlatten, ZippedConv2D, ZippedDense
 from mtz_tf.report import LayerReport, ZipReport
 from mtz_tf.retrain import Retrain, RetrainingDivergedError
@@ -48,6 +50,7 @@ __all__ = [
     "cost",
     "data",
     "deployment_report",
+    "describe",
     "export",
     "graph",
     "hessian",

@@ -30,15 +30,21 @@ ELEMENTWISE_ACTIVATIONS = activations.ELEMENTWISE
 _PASS_THROUGH_TYPES = (
     "Flatten",
     "Dropout",
+    "SpatialDropout2D",
     "MaxPooling2D",
     "AveragePooling2D",
     "GlobalAveragePooling2D",
     "GlobalMaxPooling2D",
+    "ZeroPadding2D",
+    "Cropping2D",
+    "UpSampling2D",
+    "Rescaling",
 )
-"""Weightless layers that act on each channel alone, so they commute with unit permutations."""
+"""Weightless layers that act on each channel alone, so they commute with unit permutations
+(``Rescaling`` only with a scalar scale and offset, checked by :func:`_pass_through_step`)."""
 
 
-_SPATIAL_TYPES = frozenset(_PASS_THROUGH_TYPES) - {"Dropout"}
+_SPATIAL_TYPES = frozenset(_PASS_THROUGH_TYPES) - {"Dropout", "Rescaling"}
 """Pass-through layers that need a feature map (or, Flatten, make one flat)."""
 
 _MERGE_TYPES = ("Add", "Concatenate")
@@ -252,6 +258,11 @@ _FUNCTION_KEYS = {
     "GlobalMaxPooling2D": ("data_format", "keepdims"),
     "Flatten": ("data_format",),
     "Dropout": (),  # the rate has no effect at inference; retraining uses the first model's
+    "SpatialDropout2D": ("data_format",),
+    "ZeroPadding2D": ("padding", "data_format"),
+    "Cropping2D": ("cropping", "data_format"),
+    "UpSampling2D": ("size", "interpolation", "data_format"),
+    "Rescaling": ("scale", "offset"),
 }
 """The config entries that define what each pass-through layer type computes."""
 
@@ -408,6 +419,37 @@ def _fold_check(layer, steps: list, source: int, uses: dict, what: str) -> Unit:
     return last
 
 
+def _relu_layer_activation(layer) -> str:
+    """The activation a ``ReLU`` layer computes: ``"relu"``, or ``"relu6"`` for
+    ``ReLU(max_value=6)`` (MobileNet's); other caps, slopes and thresholds are refused."""
+    slope, threshold, cap = layer.negative_slope, layer.threshold, layer.max_value
+    if not slope and not threshold and cap is None:
+        return "relu"
+    if not slope and not threshold and cap is not None and float(cap) == 6.0:
+        return "relu6"
+    raise ValueError(
+        f"Layer {layer.name!r} is a ReLU with max_value={cap}, negative_slope={slope}, "
+        f"threshold={threshold}; supported are the plain ReLU and ReLU(max_value=6) "
+        "(relu6). Use an Activation layer with a built-in activation otherwise."
+    )
+
+
+def _pass_through_step(layer, kind: str, source: int) -> PassThrough:
+    """The :class:`PassThrough` of a channel-wise weightless layer, checked."""
+    config = layer.get_config()
+    if config.get("data_format", "channels_last") != "channels_last":
+        raise ValueError(
+            f"Layer {layer.name!r} ({kind}) uses data_format={config['data_format']!r}; "
+            "zipping needs channels_last feature maps."
+        )
+    if kind == "Rescaling" and any(np.ndim(config[k]) for k in ("scale", "offset")):
+        raise ValueError(
+            f"Rescaling layer {layer.name!r} has a per-channel scale or offset; only scalar "
+            "ones commute with a permutation of the channels."
+        )
+    return PassThrough(layer.name, kind, config, (source,))
+
+
 def _merge_step(layer, sources: tuple) -> Merge:
     kind = type(layer).__name__
     if kind == "Concatenate" and layer.axis not in (-1, len(layer.output.shape) - 1):
@@ -543,15 +585,8 @@ def read_plan(model: keras.Model) -> Plan:
             activation = (
                 activations.canonical(layer.activation, layer.name)
                 if isinstance(layer, keras.layers.Activation)
-                else "relu"
+                else _relu_layer_activation(layer)
             )
-            if isinstance(layer, keras.layers.ReLU) and (
-                layer.max_value is not None or layer.negative_slope or layer.threshold
-            ):
-                raise ValueError(
-                    f"Layer {layer.name!r} is a ReLU with max_value/negative_slope/threshold; "
-                    "only the plain ReLU layer is supported (use activation=... instead)."
-                )
             if source != MODEL_INPUT and isinstance(steps[source], Merge):
                 if not activations.is_elementwise(activation):
                     raise ValueError(
@@ -570,7 +605,7 @@ def read_plan(model: keras.Model) -> Plan:
                 steps[source] = dataclasses.replace(last, activation=activation)
                 index = source
         elif kind in _PASS_THROUGH_TYPES:
-            steps.append(PassThrough(layer.name, kind, layer.get_config(), (source,)))
+            steps.append(_pass_through_step(layer, kind, source))
         elif kind in _MERGE_TYPES:
             steps.append(_merge_step(layer, sources))
         else:
@@ -635,3 +670,82 @@ def unit_weights(model: keras.Model, unit: Unit) -> tuple:
             for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)
         )
     return kernel, bias, norm
+
+
+def describe(model: keras.Model, print_fn=print) -> bool:
+    """Prints what zipping will do with ``model``: its units (each Dense/Conv2D with its
+    BatchNorm and activation, and what it reads), the residual streams (coupled groups: units
+    whose channels an ``Add`` ties, zipped with one matching) with the layers that couple
+    them, and the output head (never zipped); or, for a model the reader refuses, why.
+
+    Args:
+        model: keras.Model, the model to describe (not modified).
+        print_fn: callable taking one line of text (default ``print``), as in Keras's
+            ``Model.summary``.
+
+    Returns:
+        bool, whether the model can be zipped.
+    """
+    try:
+        plan = read_plan(model)
+        groups = plan.zip_groups()
+    except (ValueError, TypeError) as error:
+        print_fn(f"Model {getattr(model, 'name', model)!r} cannot be zipped: {error}")
+        return False
+    units = plan.units
+    stream_of = {}
+    for number, members in enumerate((g for g in groups if len(g) > 1), start=1):
+        stream_of.update({u: number for u in members})
+
+    def source(step_index: int) -> str:
+        segments = plan.unit_sources(step_index)
+        if not segments:
+            return "model input"
+        return " + ".join(units[u].name for u, _, _ in segments)
+
+    print_fn(
+        f"Model {model.name!r}: {len(units) - 1} hidden units zippable, input shape "
+        f"{plan.input_shape}"
+    )
+    header = ("#", "layer", "kind", "units", "BatchNorm", "activation", "reads", "stream")
+    rows = []
+    for index, unit in enumerate(units):
+        step = plan.steps[plan.unit_step(index)]
+        stream = (
+            "head"
+            if index == len(units) - 1
+            else f"s{stream_of[index]}"
+            if index in stream_of
+            else "-"
+        )
+        rows.append(
+            (
+                str(index),
+                unit.name,
+                unit.kind,
+                str(unit.units),
+                unit.batch_norm or "-",
+                unit.activation,
+                source(step.inputs[0]),
+                stream,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print_fn("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+    coupling = {}
+    for step in plan.steps:
+        if isinstance(step, Merge) and step.kind == "Add":
+            first = plan.unit_sources(step.inputs[0])
+            if first:
+                coupling.setdefault(stream_of.get(first[0][0]), []).append(step.name)
+    if stream_of:
+        print_fn("Residual streams (their units share one neuron order; one matching each):")
+    for number in sorted(set(stream_of.values())):
+        members = [units[u].name for u, s in stream_of.items() if s == number]
+        print_fn(
+            f"  s{number}: {len(members)} units ({', '.join(members)}), coupled by "
+            f"{', '.join(coupling.get(number, []))}"
+        )
+    print_fn(f"Output head (never zipped): {units[-1].name}")
+    return True

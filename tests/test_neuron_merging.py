@@ -443,3 +443,24 @@ def test_reproduces_published_lenet300_l1_cells_at_half():
     assert training.accuracy(pruned, x, labels) == pytest.approx(0.8840, abs=5e-4)
     assert training.accuracy(merged, x, labels) == pytest.approx(0.8869, abs=5e-4)
     assert merged.count_params() == 784 * 150 + 150 + 150 * 50 + 50 + 50 * 10 + 10
+
+
+@pytest.mark.parametrize("separate_softmax", [False, True])
+def test_output_units_are_never_pruned(separate_softmax):
+    """A float ratio prunes every hidden layer and leaves the output layer whole, even when
+    its activation (softmax, applied in the layer or by an Activation layer after it)
+    mixes units; naming the output layer is refused."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(8, activation="relu", name="h1")(inputs)
+    x = keras.layers.Dense(8, activation="relu", name="h2")(x)
+    if separate_softmax:
+        outputs = keras.layers.Activation("softmax")(keras.layers.Dense(4, name="predictions")(x))
+    else:
+        outputs = keras.layers.Dense(4, activation="softmax", name="predictions")(x)
+    model = keras.Model(inputs, outputs)
+    assert nm.prunable_layers(model) == ["h1", "h2"]
+    merged = nm.compress(model, 0.5)
+    assert [merged.get_layer(n).units for n in ("h1", "h2", "predictions")] == [4, 4, 4]
+    with pytest.raises(ValueError, match="'predictions': its units are the model's output"):
+        nm.compress(model, {"predictions": 0.5})

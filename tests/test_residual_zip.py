@@ -297,3 +297,24 @@ def test_hessians_of_per_task_inputs_are_each_tasks_own(resnet8, images):
             inputs = keras.Model(model.input, model.get_layer(name).input)(x).numpy()
             rows = inputs.reshape(-1, inputs.shape[-1]).astype(np.float64)
             assert_close(h.numpy(), rows.T @ rows / len(rows), what=f"H of {name!r}")
+
+
+def test_padding_rescaling_and_relu6_zip_back_to_the_original():
+    """Rescaling, ZeroPadding2D, ReLU(6) after a unit and after an Add, Cropping2D and
+    UpSampling2D (the layers between keras.applications' convolutions): a model zipped with
+    a permuted copy of itself computes the original, and its task model and .keras file too."""
+    from test_graph import _padded_relu6_model
+
+    model = _with_batch_norm_statistics(_padded_relu6_model(), seed=1)
+    permuted = models.permute_hidden(model, seed=3)
+    x = np.random.default_rng(0).uniform(0, 255, size=(16, 8, 8, 3)).astype("float32")
+    calib = data.to_dataset(x, batch_size=8)
+    zipped, report = mtz_tf.zip_models(
+        {"a": model, "b": permuted}, {"a": calib, "b": calib}, verbose=0
+    )
+    expected = model(x)
+    assert_close(zipped(x)["a"], expected)
+    assert_close(zipped(x)["b"], expected)
+    assert_close(mtz_tf.stack.task_model(zipped, "b")(x), expected)
+    assert all(layer.merge_cost < 1e-8 for layer in report.layers)
+    assert report.coupled_groups == [["c1", "c2"]]

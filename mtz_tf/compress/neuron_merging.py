@@ -152,10 +152,11 @@ class _Unit:
 class _Blocked:
     """A layer that cannot be pruned.
 
-    ``kind`` is ``"coupled"`` (an output, or channels tied to others by ``Add``/``Concatenate``:
-    left alone by design), ``"skipped"`` (a weight layer of a kind Neuron Merging does not
-    prune, such as ``DepthwiseConv2D``) or ``"unsupported"`` (a Dense/Conv2D whose channels
-    reach a layer the tracer cannot follow: an error, since the result might be wrong).
+    ``kind`` is ``"output"`` (its units are the model's outputs: never pruned), ``"coupled"``
+    (channels tied to others by ``Add``/``Concatenate``: left alone by design), ``"skipped"``
+    (a weight layer of a kind Neuron Merging does not prune, such as ``DepthwiseConv2D``) or
+    ``"unsupported"`` (a Dense/Conv2D whose channels reach a layer the tracer cannot follow:
+    an error, since the result might be wrong).
     """
 
     name: str
@@ -355,9 +356,36 @@ def _is_weight_layer(layer) -> bool:
     return isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))
 
 
-def _trace(model: keras.Model, layer, consumers: dict[str, list]) -> _Unit | _Blocked:
+def _output_units(model: keras.Model) -> set[str]:
+    """Names of the layers with weights whose units are a model output: reached from an
+    output walking back through weightless layers (an activation such as softmax, a
+    Reshape, ...). Their units are what the model returns, so no method removes them."""
+    found, seen = set(), set()
+    pending = list(model.outputs)
+    while pending:
+        tensor = pending.pop()
+        history = getattr(tensor, "_keras_history", None)
+        if history is None or id(history.operation) in seen:
+            continue
+        layer = history.operation
+        seen.add(id(layer))
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if layer.weights and not isinstance(layer, keras.layers.BatchNormalization):
+            found.add(layer.name)
+            continue
+        node = layer._inbound_nodes[history.node_index]
+        pending.extend(node.input_tensors)
+    return found
+
+
+def _trace(
+    model: keras.Model, layer, consumers: dict[str, list], outputs: set[str]
+) -> _Unit | _Blocked:
     """Follows a Dense/Conv2D layer's channels to the weight layers that read them."""
     name = layer.name
+    if name in outputs:
+        return _Blocked(name, "output", "its units are the model's output (never pruned)")
     problem = _check_weight_layer(layer)
     if problem:  # Not a candidate; an error only if asked for by name.
         return _Blocked(name, "skipped", problem)
@@ -474,8 +502,9 @@ def _read(model: keras.Model) -> dict[str, _Unit | _Blocked]:
                 f"Model {model.name!r} nests model {layer.name!r}; Neuron Merging needs a flat "
                 "functional or Sequential model."
             )
+    outputs = _output_units(model)
     return {
-        layer.name: _trace(model, layer, consumers)
+        layer.name: _trace(model, layer, consumers, outputs)
         for layer in model.layers
         if _is_weight_layer(layer) or isinstance(layer, _OTHER_WEIGHT_LAYERS)
     }
