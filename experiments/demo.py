@@ -70,7 +70,6 @@ def main(argv):
     print(f"\nZip report (retrained), per hidden layer:\n{report.table()}")
     print(f"Report figure: {figure}")
 
-    p = report.parameters
     print("\n| task | error original | error zipped | error zipped + retrained |")
     print("|---|---|---|---|")
     for task in tasks:
@@ -79,10 +78,6 @@ def main(argv):
             f"{100 * (1 - plain.layers[-1].accuracy_before_retraining[task]):.2f} % | "
             f"{100 * (1 - report.layers[-1].accuracy_after_retraining[task]):.2f} % |"
         )
-    print(
-        f"\nParameters: {p['input_models']:,} (two models) -> {p['total']:,} zipped "
-        f"({100 * p['ratio']:.1f} %); {p['shared']:,} shared."
-    )
     print(
         f"Retraining: {report.retrain_steps} joint iterations "
         f"(training one model took {FLAGS.epochs * steps_per_epoch} iterations)."

@@ -171,7 +171,13 @@ class ZipReport:
                         xs, ys = zip(*points)
                         ax.plot(xs, ys, style, color=color, label=f"{task} {label}")
                 if self.accuracy_original and task in self.accuracy_original:
-                    ax.axhline(self.accuracy_original[task], color=color, ls=":", lw=1)
+                    ax.axhline(
+                        self.accuracy_original[task],
+                        color=color,
+                        ls=":",
+                        lw=1,
+                        label=f"{task} input model",
+                    )
             ax.set_ylabel("accuracy")
             ax.legend(fontsize=7)
         axes[-1].set_xticks(positions, labels, rotation=45, ha="right", fontsize=7)
