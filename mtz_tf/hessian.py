@@ -13,6 +13,7 @@ O(d²) whatever N is. Accumulation runs under ``tf.distribute.get_strategy()``: 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -120,7 +121,12 @@ def dataset_hessians(
         else:  # e.g. per-replica values of a multi-device strategy
             signature, key = None, None
         if key not in traced:
-            traced[key] = tf.function(step, input_signature=signature, reduce_retracing=True)
+            # Every pass traces its own features (a new model per zipped layer), so it wraps
+            # a partial of `step`: TF keys its retracing statistics by a function's code, and
+            # would otherwise count the passes' first traces as retraces of one function.
+            traced[key] = tf.function(
+                functools.partial(step), input_signature=signature, reduce_retracing=True
+            )
         return traced[key]
 
     results = []

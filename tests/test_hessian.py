@@ -1,5 +1,7 @@
 """Streaming Hessians against a direct NumPy computation."""
 
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -63,3 +65,21 @@ def test_one_trace_serves_every_dataset_and_batch_size():
         scaled = a.astype(np.float64) * (i + 1)
         assert count == len(a)
         assert_close(hessians[0].numpy(), scaled.T @ scaled / len(a))
+
+
+def test_passes_of_one_batch_do_not_look_like_retracing():
+    """A zip makes one pass per layer, each with a new model; with one calibration batch per
+    task every pass traces on its first call, which TensorFlow must not report as frequent
+    retracing of one function."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    tf.get_logger().addHandler(handler)
+    try:
+        x = np.ones((4, 3), np.float32)
+        for _ in range(12):
+            ds = tf.data.Dataset.from_tensor_slices(x).batch(4)
+            hessian.dataset_hessians(lambda b, t: [2.0 * b], [ds, ds], [True], ["a", "b"])
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert not [m for m in messages if "retracing" in m]
