@@ -1,0 +1,136 @@
+"""Models nobody here wrote: keras.applications families (weights=None, 32x32 inputs).
+
+ResNet50 zips, merges and prunes; the families whose layers the reader does not represent
+yet (pre-activation BatchNorm, depthwise convolutions, squeeze-excite) are refused with an
+error that names the first such layer.
+"""
+
+import keras
+import numpy as np
+import pytest
+from conftest import assert_close
+
+import mtz_tf
+from mtz_tf import data, models
+from mtz_tf.compress import ista
+from mtz_tf.compress import neuron_merging as nm
+
+SHAPE = (32, 32, 3)
+
+
+def _randomized_batch_norm(model, seed):
+    """Non-trivial BatchNorm γ, β and moving statistics, as training would leave them; the
+    variances are kept near 1 so that activations stay O(1) through 50 layers."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 1.0, n))
+            layer.beta.assign(rng.normal(0, 0.1, n))
+            layer.moving_mean.assign(rng.normal(0, 0.1, n))
+            layer.moving_variance.assign(rng.uniform(0.8, 1.2, n))
+    return model
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50(weights=None, input_shape=SHAPE, classes=10)
+    return _randomized_batch_norm(model, 1)
+
+
+@pytest.fixture(scope="module")
+def images():
+    x = np.random.default_rng(0).normal(size=(8,) + SHAPE).astype(np.float32)
+    return x, data.to_dataset(x, batch_size=8)
+
+
+@pytest.mark.slow
+def test_resnet50_zipped_with_a_permuted_copy_is_the_original(resnet50, images):
+    x, calibration = images
+    permuted = models.permute_hidden(resnet50, seed=3)
+    expected = resnet50(x)
+    assert_close(permuted(x), expected)
+    zipped, report = mtz_tf.zip_models(
+        {"a": resnet50, "b": permuted}, {"a": calibration, "b": calibration}, verbose=0
+    )
+    outputs = zipped(x)
+    assert_close(outputs["a"], expected)
+    assert_close(outputs["b"], expected)
+    assert len(report.layers) == 53 and len(report.coupled_groups) == 4
+    assert all(layer.shared == min(layer.widths.values()) for layer in report.layers)
+    assert max(layer.merge_cost for layer in report.layers) < 1e-8
+
+
+@pytest.mark.slow
+def test_resnet50_share_zero_keeps_both_models(resnet50, images):
+    x, calibration = images
+    other = _randomized_batch_norm(
+        keras.applications.ResNet50(weights=None, input_shape=SHAPE, classes=10), 2
+    )
+    zipped, report = mtz_tf.zip_models(
+        {"a": resnet50, "b": other}, {"a": calibration, "b": calibration}, share=0.0, verbose=0
+    )
+    outputs = zipped(x)
+    assert_close(outputs["a"], resnet50(x))
+    assert_close(outputs["b"], other(x))
+    assert report.parameters["shared"] == 0
+    assert report.parameters["total"] == resnet50.count_params() + other.count_params()
+
+
+def test_neuron_merging_prunes_resnet50_where_no_stream_is_written(resnet50, images):
+    """The stem and the inner convolutions of each bottleneck block are prunable (the
+    others write a residual stream), the classifier never; the result is a smaller working
+    model."""
+    x, _ = images
+    prunable = nm.prunable_layers(resnet50)
+    assert len(prunable) == 33 and prunable[0] == "conv1_conv"
+    assert all(name.endswith(("_1_conv", "_2_conv")) for name in prunable[1:])
+    merged, report = nm.compress(resnet50, 0.5, return_report=True)
+    assert merged.get_layer("conv2_block1_1_conv").filters == 32
+    assert merged.get_layer("conv5_block3_2_conv").filters == 256
+    assert merged.get_layer("conv5_block3_3_conv").filters == 2048
+    assert merged.get_layer("predictions").units == 10
+    assert merged.count_params() < 0.7 * resnet50.count_params()
+    assert np.all(np.isfinite(merged(x).numpy())) and merged(x).shape == (8, 10)
+    assert {entry.name for entry in report} == set(prunable)
+
+
+def test_ista_removes_dead_channels_of_resnet50_exactly(resnet50, images):
+    """Channels whose BatchNorm scale is zero and whose ReLU(β) is zero carry nothing; ISTA's
+    removal takes them out of the inner convolutions and the function stays the same."""
+    x, _ = images
+    model = keras.models.clone_model(resnet50)
+    model.set_weights(resnet50.get_weights())
+    for name in ("conv2_block1_1_bn", "conv4_block3_2_bn"):
+        bn = model.get_layer(name)
+        gamma, beta = bn.gamma.numpy(), bn.beta.numpy()
+        gamma[:3], beta[:3] = 0.0, -0.5
+        bn.gamma.assign(gamma)
+        bn.beta.assign(beta)
+    pruned = ista.remove_zero_channels(model)
+    assert pruned.get_layer("conv2_block1_1_conv").filters == 61
+    assert pruned.get_layer("conv4_block3_2_conv").filters == 253
+    assert_close(pruned(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "build, first_refused",
+    [
+        (
+            lambda: keras.applications.ResNet50V2,
+            "BatchNormalization layer 'conv2_block1_preact_bn'",
+        ),
+        (lambda: keras.applications.DenseNet121, "BatchNormalization layer 'conv2_block1_0_bn'"),
+        (
+            lambda: keras.applications.MobileNetV2,
+            "'expanded_conv_depthwise' of type DepthwiseConv2D",
+        ),
+    ],
+)
+def test_families_not_read_yet_are_refused_by_their_first_layer(build, first_refused):
+    kwargs = {"alpha": 0.35} if build() is keras.applications.MobileNetV2 else {}
+    model = build()(weights=None, input_shape=SHAPE, classes=10, **kwargs)
+    lines = []
+    assert not mtz_tf.describe(model, print_fn=lines.append)
+    assert first_refused in lines[0]
