@@ -443,7 +443,7 @@ def zip_graph(
         states, start = resume
 
     def decide(g, current, u):
-        rng = np.random.default_rng([config["seed"], 7, u])
+        rng = np.random.default_rng([config["seed"], u])
         picked = decide_group(
             g, top, states, current, provisional, original, config, rng, threshold
         )
