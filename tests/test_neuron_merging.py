@@ -359,7 +359,7 @@ def test_bad_arguments():
         nm.compress(model.get_layer("hidden"), 0.5)
     with pytest.raises(ValueError, match="not a Dense/Conv2D layer"):
         nm.compress(model, {"nope": 0.5})
-    with pytest.raises(ValueError, match="'out' is a model output"):
+    with pytest.raises(ValueError, match="'out': its units are the model's output"):
         nm.compress(model, {"out": 0.5})
 
 
