@@ -15,18 +15,16 @@ target is met:
   Σ_t shared_t / Σ_t params_t, reaches at least f (as close as the λ grid allows);
 * ``cost=b``: the summed merge cost over all layers stays at most b.
 
-In a residual network the layers writing into one stream share one count: a stream's pairs
-are ranked by their summed writer costs per parameter saved over all its writers, and the
-pass zips the network as :mod:`mtz_tf.residual_zip` does.
+The layers writing into one residual stream share one count: a stream's pairs are ranked
+by their summed writer costs per parameter saved over all its writers (in a chain every
+stream is one layer), and the pass zips the network as :mod:`mtz_tf.driver` does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
-from mtz_tf import cost, layer_zip, matching, residual_zip, stack
+from mtz_tf import driver, stack
 from mtz_tf.report import ZipReport
 
 
@@ -73,46 +71,14 @@ def shared_fraction(model) -> float:
     return shared_total / denominator if denominator else 0.0
 
 
-def _threshold_pass(plan, task_names, states, calibration, config, widths, lam):
-    """Zips all hidden layers (no retraining) sharing pairs with c / s_l <= lam."""
-    counts, total_cost = [], 0.0
-    model = stack.build_model(plan, task_names, states)
-    for index in range(len(widths)):
-        state = states[index]
-        hessians = layer_zip.layer_hessians(
-            model, stack.zipped_layers(model)[index], state, calibration, config["hessian"]
-        )
-        layout = [
-            layer_zip.cost_layout(state, state.kernels[t], state.biases[t], config["hessian"])
-            for t in (0, 1)
-        ]
-        costs = cost.merge_costs(
-            layout[0], layout[1], hessians[0], hessians[1], config["damping"]
-        ).numpy()
-        rows, cols = matching.greedy(costs, widths[index])
-        k = int(
-            np.sum(costs[rows, cols] / layer_zip.saving_per_pair(state, len(task_names)) <= lam)
-        )
-        total_cost += layer_zip.zip_layer(
-            state,
-            states[index + 1],
-            hessians,
-            k,
-            config,
-            np.random.default_rng(0),
-            list(range(len(task_names))),
-        )
-        counts.append(k)
-        model = stack.build_model(plan, task_names, states)
-    return counts, total_cost, shared_fraction(model)
-
-
-def _residual_threshold_pass(plans, models, states, calibration, config, widths, lam):
-    """:func:`_threshold_pass` for a residual network: one count per residual stream, from
-    the stream's summed writer costs per parameter saved by all its writers."""
+def _threshold_pass(plans, models, states, calibration, config, widths, lam):
+    """Zips every hidden unit (no retraining) as :func:`mtz_tf.driver.zip_graph`
+    does, sharing the greedy-order pairs with c / s <= lam: one count per stream (a unit
+    alone in a chain), from the stream's summed writer costs per parameter saved by all
+    its writers."""
     task_names = list(models)
     report = ZipReport(tasks=task_names, matching=config["matching"])
-    model = residual_zip.zip_graph(
+    model = driver.zip_graph(
         plans[task_names[0]],
         plans,
         models,
@@ -137,15 +103,11 @@ def allocate(plans, models, calibration, budget: ShareBudget, config, batch_norm
     For a parameter target the smallest λ that reaches it is kept, for a cost budget the
     largest λ that stays within it (λ = 0 shares only cost-free pairs, so it always does).
     """
-    task_names = list(models)
-    plan = plans[task_names[0]]
     by_parameters = budget.parameters is not None
 
     def run(lam):
         states = stack.separate_states(plans, models, batch_norm)
-        if plan.is_chain:
-            return _threshold_pass(plan, task_names, states, calibration, config, widths, lam)
-        return _residual_threshold_pass(plans, models, states, calibration, config, widths, lam)
+        return _threshold_pass(plans, models, states, calibration, config, widths, lam)
 
     def meets(result):
         _, total, fraction = result

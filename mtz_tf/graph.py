@@ -166,20 +166,6 @@ class Plan:
         """The units that may be zipped (all but the output head)."""
         return self.units[:-1]
 
-    @property
-    def is_chain(self) -> bool:
-        """Whether every step reads the step just before it (no ``Add``/``Concatenate``)."""
-        return all(s.inputs == (i - 1 if i else MODEL_INPUT,) for i, s in enumerate(self.steps))
-
-    def signature(self) -> tuple:
-        """What two models must share to be zipped: input shape, wiring, and every step's
-        :func:`step_function` (widths may differ)."""
-        return (
-            self.input_shape,
-            tuple(step_function(s) + (("inputs", s.inputs),) for s in self.steps),
-            tuple(len(g.members) for g in self.coupled_groups),
-        )
-
     def unit_sources(self, step_index: int) -> list:
         """The channel segments of step ``step_index``'s output: ``[(unit index, start,
         stop), ...]`` in channel order, unit index into :attr:`units` (an empty list for

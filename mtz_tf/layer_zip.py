@@ -19,7 +19,6 @@ import numpy as np
 import tensorflow as tf
 
 from mtz_tf import cost, hessian
-from mtz_tf import matching as matching_lib
 from mtz_tf.stack import LayerState
 
 HESSIAN_MODES = ("channel", "patch")
@@ -44,20 +43,6 @@ def patches(x: tf.Tensor, state: LayerState) -> tf.Tensor:
     return tf.reshape(rows, [tf.reduce_prod(tf.shape(rows)[:-1]), rows.shape[-1]])
 
 
-def layer_hessians(
-    model: keras.Model,
-    layer: keras.layers.Layer,
-    state: LayerState,
-    calibration: dict,
-    mode: str,
-) -> list[tf.Tensor]:
-    """Each task's Hessian of ``layer``'s inputs at shared positions (+ bias), in order.
-
-    Task t's Hessian uses task t's calibration data through the current zipped ``model``.
-    """
-    return layers_hessians(model, [layer], [state], calibration, mode)[0]
-
-
 def hessian_rows(x: tf.Tensor, state: LayerState, mode: str) -> tf.Tensor:
     """The rows whose mean outer product is the Hessian of a layer input x (channels-last,
     already cut to the input channels the Hessian covers)."""
@@ -75,8 +60,9 @@ def layers_hessians(
     calibration: dict,
     mode: str,
 ) -> list[list[tf.Tensor]]:
-    """:func:`layer_hessians` of several layers of ``model``, one pass over each task's
-    data: per layer, per task."""
+    """Each task's Hessian of every layer's inputs at shared positions (+ bias), per layer,
+    per task: task t's Hessian uses task t's calibration data through the current zipped
+    ``model``; one pass over each task's data serves all ``layers``."""
     # Keras flattens nested outputs, so a layer taking one input per task contributes T
     # outputs; `spans` regroups them.
     outputs, spans = [], []
@@ -163,98 +149,3 @@ def align_inputs(state: LayerState, k_in: int) -> None:
     state.cross_kernels = [
         np.zeros(state.kernel_prefix + (kernel.shape[-2] - k_in, 0)) for kernel in state.kernels
     ]
-
-
-def zip_layer(
-    state: LayerState,
-    consumer: LayerState,
-    hessians: list,
-    k: int,
-    config: dict,
-    rng: np.random.Generator,
-    joining: list[int],
-) -> float:
-    """Ties neurons of the tasks in ``joining`` to the layer's shared neurons, in place.
-
-    If no task shares neurons in this layer yet, the first joining task seeds the group, the
-    second ties ``k`` of its neurons to k of the seed's (the paper's two-model step), and
-    every further one ties k of its neurons to the k group neurons. If the layer already has
-    shared neurons (a task being added to a zipped model), each joining task ties k of its
-    neurons to them. The group's Hessian is Σ H_t of its members (DESIGN.md).
-
-    ``config`` holds ``matching``, ``criterion``, ``merge``, ``damping`` and ``hessian``
-    (the conv mode). The pairing criterion is the MTZ cost (``"hessian"``), the squared
-    weight distance (``"euclidean"``, i.e. H = I) or random; the merge is the
-    Hessian-weighted optimum or the plain average. Returns the summed cost
-    ½ Σ_t (w_t − w̃)ᵀ H_t (w_t − w̃) of the ties made, measured with the true Hessians
-    whatever the criterion, so that baselines are comparable.
-
-    Each joining task's layer outputs are reordered to [shared, in pair order; the rest in
-    original order] (BatchNorm parameters too) and its rows of ``consumer`` follow.
-    """
-    mode, damping = config["hessian"], config["damping"]
-    num_tasks = len(state.kernels)
-    chosen = {}
-
-    def layout(t):
-        return cost_layout(state, state.kernels[t], state.biases[t], mode)
-
-    queue = list(joining)
-    if state.shared_units > 0:
-        members = [t for t in range(num_tasks) if state.sharing[t]]
-        group_w = cost_layout(state, state.shared_kernel, state.shared_bias, mode)
-        group_h = tf.add_n([hessians[t] for t in members])
-        group_size = len(members)
-    else:
-        seed_task = queue.pop(0)
-        group_w, group_h, group_size = layout(seed_task)[..., :0], hessians[seed_task], 1
-        if k > 0:
-            group_w = layout(seed_task)
-    total_cost = 0.0
-    for position, t in enumerate(queue if k > 0 or state.shared_units else []):
-        w_t = layout(t)
-        costs = pair_costs(group_w, w_t, group_h, hessians[t], config, rng)
-        seeding = state.shared_units == 0 and position == 0
-        rows, cols = matching_lib.match(
-            costs, k if seeding else group_w.shape[-1], config["matching"]
-        )
-        if seeding:
-            chosen[seed_task] = rows
-            group_w = group_w[..., rows]
-        else:  # The group's neurons keep their order; reorder the newcomer's.
-            order = np.argsort(rows)
-            rows, cols = rows[order], cols[order]
-        chosen[t] = cols
-        pair = [group_w, w_t[..., cols]]
-        if config["merge"] == "hessian":
-            merged = cost.merged_weights(pair, [group_h, hessians[t]], damping).numpy()
-        else:
-            merged = (group_size * pair[0] + pair[1]) / (group_size + 1)
-        total_cost += float(
-            tf.reduce_sum(cost.deviation_costs(pair, [group_h, hessians[t]], merged, damping))
-        )
-        group_w, group_h, group_size = merged, group_h + hessians[t], group_size + 1
-
-    k_in = state.input_shared_units
-    group = consumer.input_group
-    for t in set(joining) | set(chosen):
-        picked = chosen.get(t, np.zeros(0, dtype=np.int64))
-        rest = np.setdiff1d(np.arange(state.kernels[t].shape[-1]), picked)  # original order
-        permutation = np.concatenate([picked, rest])
-        state.cross_kernels[t] = state.kernels[t][..., k_in:, :][..., picked]
-        state.kernels[t] = state.kernels[t][..., rest]
-        state.biases[t] = state.biases[t][rest]
-        if state.norms:
-            state.norms[t] = tuple(v[permutation] for v in state.norms[t])
-        state.sharing[t] = True
-        # The consumer's rows of this task follow its new output order [shared; own]; the
-        # task does not share in the consumer yet, so all its rows are its own.
-        rows = (permutation[:, None] * group + np.arange(group)[None, :]).ravel()
-        consumer.kernels[t] = consumer.kernels[t][..., rows, :]
-    if chosen:
-        state.shared_kernel, state.shared_bias = unpack_merged(state, group_w, mode)
-        state.shared_units = group_w.shape[-1]
-    if consumer.shared_units == 0:
-        align_inputs(consumer, state.shared_units * group)
-    consumer.common_input = state.common_output
-    return total_cost

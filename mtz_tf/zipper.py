@@ -1,6 +1,10 @@
-"""The layer-by-layer Multi-Task Zipping driver.
+"""The public Multi-Task Zipping entry points: :func:`zip_models` and :func:`add_task`.
 
-For each hidden layer l, from the input upward (He, Zhou, Thiele, NeurIPS 2018, Alg. 1):
+They check the models, data and options, resolve the shares, set up checkpoints and the
+report, and hand the zip to the one driver, :func:`mtz_tf.driver.zip_graph` (or
+:func:`~mtz_tf.driver.join_graph` for a task joining a zip), which treats a chain as
+a graph whose streams each have one unit. For each hidden unit l, from the input upward
+(He, Zhou, Thiele, NeurIPS 2018, Alg. 1):
 
 1. H_t: each task's layer-l input Hessian on its own calibration data, through the current
    zipped network, restricted to the inputs at shared positions (+ the bias).
@@ -13,24 +17,23 @@ For each hidden layer l, from the input upward (He, Zhou, Thiele, NeurIPS 2018, 
 6. Optional light joint retraining of all tasks (:class:`mtz_tf.Retrain`).
 
 Output heads are never zipped. With a checkpoint directory, the zip saves itself after
-every layer and resumes from the last completed layer.
+every unit and resumes from the last completed unit.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import allocation, checkpoint, cost, graph, layer_zip, residual_zip, stack
+from mtz_tf import allocation, checkpoint, cost, driver, graph, stack
 from mtz_tf import matching as matching_lib
 from mtz_tf.layer_zip import CRITERIA, HESSIAN_MODES, MERGES
 from mtz_tf.report import ZipReport
-from mtz_tf.retrain import Retrain, after_layer, check_labelled_data, task_accuracies
+from mtz_tf.retrain import Retrain, check_labelled_data, task_accuracies
 
 _LOG = logging.getLogger(__name__)
 
@@ -187,67 +190,6 @@ def parse_share(text: str):
     return result
 
 
-def _zip_layers(
-    plan: graph.Plan,
-    task_names: list[str],
-    states: list,
-    calibration: dict,
-    shares: list[int],
-    config: dict,
-    joining: list[int],
-    report: ZipReport,
-    start: int,
-    retrain: Retrain | None,
-    evaluation: Mapping | None,
-    save,
-    verbose: int,
-) -> keras.Model:
-    """Zips hidden layers ``start``.. in place (module docstring, steps 1-6); ``save(model,
-    completed_layers)``, if given, checkpoints after every layer."""
-    hidden = plan.hidden_units
-    retrain_offset = sum(layer.retrain_steps for layer in report.layers)
-    model = stack.build_model(plan, task_names, states)
-    for index in range(start, len(hidden)):
-        began = time.time()
-        hessians = layer_zip.layer_hessians(
-            model,
-            stack.zipped_layers(model)[index],
-            states[index],
-            calibration,
-            config["hessian"],
-        )
-        timings = {"hessians": time.time() - began}
-        merge_cost = layer_zip.zip_layer(
-            states[index],
-            states[index + 1],
-            hessians,
-            shares[index],
-            config,
-            np.random.default_rng([config["seed"], index]),
-            joining,
-        )
-        timings["costs_matching_merge"] = time.time() - began - sum(timings.values())
-        model = stack.build_model(plan, task_names, states)
-        timings["rebuild"] = time.time() - began - sum(timings.values())
-        layer_report, retrain_offset = after_layer(
-            model,
-            plan,
-            states,
-            index,
-            merge_cost,
-            retrain,
-            evaluation,
-            retrain_offset,
-            began,
-            timings,
-            verbose,
-        )
-        report.layers.append(layer_report)
-        if save:
-            save(model, index + 1)
-    return model
-
-
 def _restored_states(model: keras.Model, plan: graph.Plan, directory: str) -> list:
     """The layer states of a checkpointed zipped model, checked against ``plan``."""
     try:
@@ -399,40 +341,22 @@ def zip_models(
         report.accuracy_original = task_accuracies(
             stack.build_model(plan, task_names, states), evaluation
         )
-    if plan.is_chain:
-        states = resumed or states
-        zipped = _zip_layers(
-            plan,
-            task_names,
-            states,
-            calibration,
-            shares,
-            config,
-            list(range(len(task_names))),
-            report,
-            start,
-            retrain,
-            evaluation,
-            save,
-            verbose,
-        )
-    else:
-        zipped = residual_zip.zip_graph(
-            plan,
-            plans,
-            models,
-            task_names,
-            states,
-            calibration,
-            shares,
-            config,
-            retrain,
-            evaluation,
-            report,
-            verbose,
-            resume=(resumed, start) if resumed else None,
-            save=save,
-        )
+    zipped = driver.zip_graph(
+        plan,
+        plans,
+        models,
+        task_names,
+        states,
+        calibration,
+        shares,
+        config,
+        retrain,
+        evaluation,
+        report,
+        verbose,
+        resume=(resumed, start) if resumed else None,
+        save=save,
+    )
     _finish(zipped, report, int(sum(m.count_params() for m in models.values())))
     return zipped, report
 
@@ -457,7 +381,7 @@ def add_task(
     neurons stay its own. The other tasks' own neurons are untouched (their outputs change
     only through the updated shared weights, and through retraining if given). In a
     residual network every stream keeps one matching for all its writers, chosen from
-    their summed costs (:func:`mtz_tf.residual_zip.join_graph`).
+    their summed costs (:func:`mtz_tf.driver.join_graph`).
 
     Args:
         zipped: a model returned by :func:`zip_models` (or loaded from its ``.keras``).
@@ -545,27 +469,10 @@ def add_task(
         seed=0,
     )
     report = ZipReport(tasks=task_names, matching=matching)
-    if plan.is_chain:
-        result = _zip_layers(
-            plan,
-            task_names,
-            states,
-            calibration,
-            [state.shared_units for state in states[:-1]],
-            config,
-            [len(old_tasks)],
-            report,
-            0,
-            retrain,
-            evaluation,
-            None,
-            verbose,
-        )
-    else:
-        run = (retrain, evaluation, report, verbose)
-        result = residual_zip.join_graph(
-            plan, zipped, task, model, task_names, states, newcomer, calibration, config, run
-        )
+    run = (retrain, evaluation, report, verbose)
+    result = driver.join_graph(
+        plan, zipped, task, model, task_names, states, newcomer, calibration, config, run
+    )
     separate = sum(stack.task_model(zipped, t).count_params() for t in old_tasks)
     _finish(result, report, separate + model.count_params())
     return result, report

@@ -108,11 +108,13 @@ def test_conv_hessians_equal_explicit_patches(padding, stride):
     zipped = mtz_tf.stack.build_model(plan, ["a", "b"], states)
     layer = mtz_tf.stack.zipped_layers(zipped)[0]
     calibration = {"a": calib, "b": calib}
-    patch = layer_zip.layer_hessians(zipped, layer, states[0], calibration, "patch")[0].numpy()
+    patch = layer_zip.layers_hessians(zipped, [layer], states[:1], calibration, "patch")[0][
+        0
+    ].numpy()
     rows = explicit_patches(x, 3, 3, stride, padding)
     rows = np.hstack([rows, np.ones((len(rows), 1))])
     np.testing.assert_allclose(patch, rows.T @ rows / len(rows), rtol=1e-5, atol=1e-6)
-    channel = layer_zip.layer_hessians(zipped, layer, states[0], calibration, "channel")[0]
+    channel = layer_zip.layers_hessians(zipped, [layer], states[:1], calibration, "channel")[0][0]
     pixels = np.hstack([x.reshape(-1, 4), np.ones((x.shape[0] * 42, 1))])
     np.testing.assert_allclose(channel.numpy(), pixels.T @ pixels / len(pixels), rtol=1e-5)
 

@@ -65,7 +65,7 @@ def test_output_must_come_from_the_last_unit():
 
 def test_coupled_groups_of_resnet20():
     plan = graph.read_plan(models.resnet20((28, 28, 1), 10, 0.5))
-    assert not plan.is_chain and len(plan.units) == 22
+    assert len(plan.units) == 22
     groups = [sorted(g.members) for g in plan.coupled_groups]
     stage1 = ["stem_conv"] + [f"stage1_block{b}_conv2" for b in (1, 2, 3)]
     assert groups[0] == sorted((name, 0, 8) for name in stage1)

@@ -9,7 +9,7 @@ import tensorflow as tf
 from conftest import InterruptAtTraining, assert_close
 
 import mtz_tf
-from mtz_tf import data, graph, models
+from mtz_tf import data, models
 
 
 def test_zipping_a_model_with_its_permutation_recovers_it(lenet_a, calibration, fashion):
@@ -311,37 +311,3 @@ def test_multi_head_model_then_neuron_merging(lenet_a, lenet_b, calibration, fas
     partial, _ = mtz_tf.zip_models({"a": lenet_a, "b": lenet_b}, calib, share=0.5, verbose=0)
     with pytest.raises(ValueError, match="not fully shared"):
         mtz_tf.stack.multi_head_model(partial)
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        dict(share=[10, 4, 5]),
-        dict(share=1.0, criterion="euclidean", merge="average"),
-        dict(share=[3, 8, 2], matching="optimal"),
-        dict(share=0.5, criterion="random", seed=4),
-    ],
-)
-def test_chains_zip_the_same_by_the_chain_and_the_graph_driver(options, monkeypatch):
-    """A chain is a graph whose streams have one unit each: the graph driver
-    (residual_zip.zip_graph) zips three MLPs as the chain driver does, layer by layer."""
-
-    def mlp(seed):
-        keras.utils.set_random_seed(seed)
-        inputs = keras.Input((12,))
-        x = keras.layers.Dense(10, activation="relu", name="h1")(inputs)
-        x = keras.layers.Dense(8, activation="tanh", name="h2")(x)
-        x = keras.layers.Dense(9, activation="relu", name="h3")(x)
-        return keras.Model(inputs, keras.layers.Dense(3, name="out")(x))
-
-    pair = {"a": mlp(0), "b": mlp(1), "c": mlp(2)}
-    x = np.random.default_rng(0).normal(size=(64, 12)).astype("float32")
-    calibration = {t: data.to_dataset(x, batch_size=32) for t in pair}
-    chain, chain_report = mtz_tf.zip_models(pair, calibration, verbose=0, **options)
-    monkeypatch.setattr(graph.Plan, "is_chain", property(lambda self: False))
-    dag, dag_report = mtz_tf.zip_models(pair, calibration, verbose=0, **options)
-    for task in pair:
-        assert_close(dag(x)[task], chain(x)[task])
-    for mine, theirs in zip(dag_report.layers, chain_report.layers):
-        assert mine.shared == theirs.shared
-        assert abs(mine.merge_cost - theirs.merge_cost) <= 1e-6 * max(1.0, theirs.merge_cost)

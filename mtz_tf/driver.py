@@ -1,12 +1,12 @@
-"""Zipping networks whose layers write into shared residual streams.
+"""The zip driver: every graph, a chain being one whose streams each have one unit.
 
 In a residual network an ``Add`` sums the outputs of several units channel by channel, so
 those units' channels are *coupled* (:class:`mtz_tf.graph.CoupledGroup`): every unit
 writing into one stream must put its neurons in the same order, or the sum would mix
 unrelated channels. Such a group is zipped with one matching for all its writers, chosen
 from the summed merge cost Σ_w ΔE_w of every writer w; each writer then ties its own
-neurons at those positions with its own Hessians. Units outside coupled groups are groups
-of one, zipped as in :mod:`mtz_tf.zipper`.
+neurons at those positions with its own Hessians. Units outside coupled groups (every
+unit of a chain) are groups of one: their matching comes from their own cost alone.
 
 Order. Units are visited in topological order. A group's matching is chosen when its first
 writer is reached; every writer's output columns (and BatchNorm parameters) and every
