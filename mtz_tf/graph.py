@@ -22,33 +22,29 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
 
-from mtz_tf import activations
+from mtz_tf import activations, layer_types
 
 ELEMENTWISE_ACTIVATIONS = activations.ELEMENTWISE
 """Activations that act on each unit alone, so units can be permuted and merged freely."""
 
-_PASS_THROUGH_TYPES = (
-    "Flatten",
-    "Dropout",
-    "SpatialDropout2D",
-    "MaxPooling2D",
-    "AveragePooling2D",
-    "GlobalAveragePooling2D",
-    "GlobalMaxPooling2D",
-    "ZeroPadding2D",
-    "Cropping2D",
-    "UpSampling2D",
-    "Rescaling",
-)
-"""Weightless layers that act on each channel alone, so they commute with unit permutations
-(``Rescaling`` only with a scalar scale and offset, checked by :func:`_pass_through_step`)."""
+_MERGE_TYPES = ("Add", "Subtract", "Average", "Maximum", "Minimum", "Concatenate")
+"""Coupling layers (:mod:`mtz_tf.layer_types`) the plan represents: the sum-like ones tie
+channel c of every input together, ``Concatenate`` puts its inputs side by side."""
 
 
-_SPATIAL_TYPES = frozenset(_PASS_THROUGH_TYPES) - {"Dropout", "Rescaling"}
-"""Pass-through layers that need a feature map (or, Flatten, make one flat)."""
+def _pass_through_type(layer) -> layer_types.LayerType | None:
+    """The registered type of a weightless layer that commutes with a channel permutation
+    and takes one input (a :class:`PassThrough`), or None."""
+    entry = layer_types.lookup(layer)
+    if entry is None or entry.coupling or not entry.permutation:
+        return None
+    return entry
 
-_MERGE_TYPES = ("Add", "Concatenate")
-"""Layers that combine several tensors channel by channel (Add) or side by side (Concatenate)."""
+
+def _supported_types() -> str:
+    passing = [e.name for e in layer_types.REGISTRY.values() if e.permutation and not e.coupling]
+    return ", ".join(passing + list(_MERGE_TYPES))
+
 
 MODEL_INPUT = -1
 """The ``inputs`` index that stands for the model input."""
@@ -112,7 +108,9 @@ class Merge:
 
     Attributes:
         name: str, the layer's name.
-        kind: str, ``"Add"`` or ``"Concatenate"``.
+        kind: str, a sum-like coupling type (``"Add"``, ``"Subtract"``, ``"Average"``,
+            ``"Maximum"``, ``"Minimum"``: channel c of every input tied) or
+            ``"Concatenate"``.
         config: dict, its Keras config.
         inputs: tuple of int, the steps it combines, in order.
     """
@@ -237,22 +235,6 @@ class Plan:
         return next(g for g, members in enumerate(groups) if source_unit in members)
 
 
-_FUNCTION_KEYS = {
-    "MaxPooling2D": ("pool_size", "strides", "padding", "data_format"),
-    "AveragePooling2D": ("pool_size", "strides", "padding", "data_format"),
-    "GlobalAveragePooling2D": ("data_format", "keepdims"),
-    "GlobalMaxPooling2D": ("data_format", "keepdims"),
-    "Flatten": ("data_format",),
-    "Dropout": (),  # the rate has no effect at inference; retraining uses the first model's
-    "SpatialDropout2D": ("data_format",),
-    "ZeroPadding2D": ("padding", "data_format"),
-    "Cropping2D": ("cropping", "data_format"),
-    "UpSampling2D": ("size", "interpolation", "data_format"),
-    "Rescaling": ("scale", "offset"),
-}
-"""The config entries that define what each pass-through layer type computes."""
-
-
 def _hashable(value):
     return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
@@ -263,8 +245,9 @@ def step_function(step) -> tuple:
     A unit: layer type, activation (by identity, :mod:`mtz_tf.activations`), use_bias,
     kernel size, strides and padding, whether a BatchNorm follows and its epsilon, and the
     flattened positions per input channel. A pass-through layer: its type, and its
-    activation or the entries of :data:`_FUNCTION_KEYS` (pool size, strides, padding, data
-    format). A merge: its type (a ``Concatenate`` is always on the channel axis).
+    activation or its type's ``function_keys`` (:mod:`mtz_tf.layer_types`: pool size,
+    strides, padding, data format, ...). A merge: its type (a ``Concatenate`` is always on
+    the channel axis).
     """
     if isinstance(step, Unit):
         properties = [
@@ -283,7 +266,8 @@ def step_function(step) -> tuple:
             ("layer type", step.kind),
             ("activation", activations.label(step.config["activation"])),
         )
-    keys = _FUNCTION_KEYS.get(step.kind, ())
+    entry = layer_types.REGISTRY.get(step.kind)
+    keys = entry.function_keys if entry is not None else ()
     return (("layer type", step.kind),) + tuple((k, _hashable(step.config.get(k))) for k in keys)
 
 
@@ -460,7 +444,7 @@ def _coupled_groups(steps: list) -> tuple:
 
     edges = []
     for step in steps:
-        if isinstance(step, Merge) and step.kind == "Add":
+        if isinstance(step, Merge) and step.kind != "Concatenate":
             first = channels(step.inputs[0])
             for other in step.inputs[1:]:
                 ids = channels(other)
@@ -590,15 +574,15 @@ def read_plan(model: keras.Model) -> Plan:
                     )
                 steps[source] = dataclasses.replace(last, activation=activation)
                 index = source
-        elif kind in _PASS_THROUGH_TYPES:
+        elif _pass_through_type(layer) is not None:
             steps.append(_pass_through_step(layer, kind, source))
-        elif kind in _MERGE_TYPES:
+        elif kind in _MERGE_TYPES and layer_types.lookup(layer) is not None:
             steps.append(_merge_step(layer, sources))
         else:
             raise ValueError(
                 f"Layer {layer.name!r} of type {kind} is not supported for zipping. "
                 "Supported: Dense, Conv2D (groups=1, no dilation), BatchNormalization, "
-                f"Activation, ReLU, {', '.join(_PASS_THROUGH_TYPES + _MERGE_TYPES)}."
+                f"Activation, ReLU, {_supported_types()}."
             )
         producer[id(layer.output)] = index
     plan = Plan(
@@ -635,7 +619,10 @@ def _check_plan(model: keras.Model, plan: Plan, producer: dict) -> None:
             continue
         before, _ = _trace_back(list(plan.steps), step.inputs[0])
         after_dense = isinstance(before, Unit) and before.kind == "Dense"
-        if after_dense and isinstance(step, PassThrough) and step.kind in _SPATIAL_TYPES:
+        spatial = isinstance(step, PassThrough) and getattr(
+            layer_types.REGISTRY.get(step.kind), "spatial", False
+        )
+        if after_dense and spatial:
             raise ValueError(
                 f"Layer {step.name!r} ({step.kind}) comes after a Dense layer; only Dropout, "
                 "activations and Add/Concatenate may stand between Dense layers."
@@ -721,7 +708,7 @@ def describe(model: keras.Model, print_fn=print) -> bool:
         print_fn("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
     coupling = {}
     for step in plan.steps:
-        if isinstance(step, Merge) and step.kind == "Add":
+        if isinstance(step, Merge) and step.kind != "Concatenate":
             first = plan.unit_sources(step.inputs[0])
             if first:
                 coupling.setdefault(stream_of.get(first[0][0]), []).append(step.name)

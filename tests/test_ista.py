@@ -446,3 +446,25 @@ def test_recalibrate_batchnorm_sets_exact_batch_statistics():
     assert_close(bn.moving_mean.numpy(), pre.mean(axis=0), tol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.numpy(), pre.var(axis=0), rtol=1e-4)
     assert bn.momentum == 0.99  # restored
+
+
+def test_remove_zero_channels_exact_through_cropping_and_upsampling():
+    """Cropping2D and UpSampling2D pass a dead channel's constant to the readers, so the
+    channel is removed and the constant absorbed exactly (ZeroPadding2D would not pass it)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(6, 3, padding="same", use_bias=False, name="c1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Cropping2D(1)(x)
+    x = keras.layers.UpSampling2D(2, interpolation="bilinear")(x)
+    x = keras.layers.Conv2D(4, 1, name="c2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="fc")(x))
+    _randomize_bn(model)
+    _set(model, "bn1", "gamma", [1, 4], 0.0)
+    _set(model, "bn1", "beta", [1, 4], 0.7)  # ReLU(0.7) = 0.7: a constant to absorb
+    x = _inputs((8, 8, 2))
+    pruned = ista.remove_zero_channels(model)
+    assert pruned.get_layer("c1").filters == 4
+    assert_close(pruned.predict(x, verbose=0), model.predict(x, verbose=0))

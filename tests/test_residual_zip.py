@@ -318,3 +318,24 @@ def test_padding_rescaling_and_relu6_zip_back_to_the_original():
     assert_close(mtz_tf.stack.task_model(zipped, "b")(x), expected)
     assert all(layer.merge_cost < 1e-8 for layer in report.layers)
     assert report.coupled_groups == [["c1", "c2"]]
+
+
+@pytest.mark.parametrize("merge", ["Subtract", "Maximum", "Average"])
+def test_every_sum_like_merge_couples_its_inputs(merge):
+    """Subtract, Maximum and Average tie channel c of their inputs as Add does: the two
+    convolutions form one stream, and a permuted copy zips back to the original."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 2))
+    a = keras.layers.Conv2D(5, 3, padding="same", activation="relu", name="a")(inputs)
+    b = keras.layers.Conv2D(5, 1, name="b")(a)
+    x = getattr(keras.layers, merge)(name="merge")([a, b])
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+    permuted = models.permute_hidden(model, seed=2)
+    x = np.random.default_rng(1).normal(size=(16, 6, 6, 2)).astype("float32")
+    calib = data.to_dataset(x, batch_size=8)
+    zipped, report = mtz_tf.zip_models(
+        {"a": model, "b": permuted}, {"a": calib, "b": calib}, verbose=0
+    )
+    assert report.coupled_groups == [["a", "b"]]
+    assert_close(zipped(x)["b"], model(x))

@@ -22,22 +22,18 @@ import dataclasses
 import keras
 import numpy as np
 
-from mtz_tf import activations, graph
+from mtz_tf import activations, graph, layer_types
 
 _CHANNELWISE_TYPES = (
     keras.layers.ReLU,
     keras.layers.Activation,
-    keras.layers.MaxPooling2D,
-    keras.layers.AveragePooling2D,
-    keras.layers.GlobalAveragePooling2D,
-    keras.layers.GlobalMaxPooling2D,
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout2D,
     keras.layers.Add,
-    keras.layers.Flatten,
-    keras.layers.Identity,
-)
-"""Layers whose output channel c depends only on input channel c (the group's members)."""
+) + layer_types.types_with(positive_scale=True, constant=True, coupling=False)
+"""Layers whose output channel c depends only on input channel c (the group's members):
+activations, ``Add`` (whose constants :func:`mtz_tf.compress.ista.group_constants` sums),
+and the registered weightless types that pass a constant channel and commute with a
+positive scale (:mod:`mtz_tf.layer_types`: pooling, Dropout, Flatten, Cropping2D,
+UpSampling2D, ...; not ZeroPadding2D, whose border zeros break a constant)."""
 
 _HOMOGENEOUS_ACTIVATIONS = frozenset({"linear", "relu"})
 """Activations with f(a x) = a f(x) for a > 0 (needed by the gamma-W rescaling)."""

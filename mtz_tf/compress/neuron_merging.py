@@ -56,6 +56,7 @@ import keras
 import numpy as np
 
 from mtz_tf import activations as activation_lib
+from mtz_tf import layer_types
 from mtz_tf.compress import criteria as criteria_lib
 from mtz_tf.compress import surgery
 from mtz_tf.layers import _ZippedLayer
@@ -79,21 +80,7 @@ HOMOGENEOUS_ACTIVATIONS = frozenset({"linear", "relu", "leaky_relu"})
 """Activations f with f(z·t) = z·f(t) for every z > 0: merging through them is exact."""
 
 # Layers that move each channel on its own and commute with a positive per-channel scale.
-_CHANNELWISE = (
-    keras.layers.MaxPooling2D,
-    keras.layers.AveragePooling2D,
-    keras.layers.GlobalAveragePooling2D,
-    keras.layers.GlobalMaxPooling2D,
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout2D,
-    keras.layers.GaussianNoise,
-    keras.layers.GaussianDropout,
-    keras.layers.ZeroPadding2D,
-    keras.layers.Cropping2D,
-    keras.layers.UpSampling2D,
-    keras.layers.Identity,
-)
-# Layers with output channels of their own that Neuron Merging does not handle.
+_CHANNELWISE = layer_types.types_with(positive_scale=True, coupling=False)
 _OTHER_WEIGHT_LAYERS = (
     keras.layers.Conv1D,
     keras.layers.Conv3D,
@@ -105,16 +92,7 @@ _OTHER_WEIGHT_LAYERS = (
     keras.layers.EinsumDense,
 )
 # Layers that tie channels of several tensors together: the producers cannot be pruned alone.
-_COUPLING = (
-    keras.layers.Add,
-    keras.layers.Subtract,
-    keras.layers.Multiply,
-    keras.layers.Average,
-    keras.layers.Maximum,
-    keras.layers.Minimum,
-    keras.layers.Concatenate,
-    keras.layers.Dot,
-)
+_COUPLING = layer_types.types_with(coupling=True) + (keras.layers.Dot,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,16 +430,16 @@ def _trace(
                     )
                 activations.append(activation)
                 stack.append((reader, flat))
-            elif isinstance(reader, _CHANNELWISE):
-                if getattr(reader, "data_format", "channels_last") != "channels_last":
-                    return _Blocked(name, "unsupported", f"{reader.name!r} is not channels_last")
-                stack.append((reader, flat))
             elif isinstance(reader, keras.layers.Flatten):
                 if reader.data_format != "channels_last":
                     return _Blocked(name, "unsupported", f"{reader.name!r} is not channels_last")
                 shape = reader.input.shape[1:]
                 positions = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
                 stack.append((reader, flat or positions))
+            elif isinstance(reader, _CHANNELWISE):
+                if getattr(reader, "data_format", "channels_last") != "channels_last":
+                    return _Blocked(name, "unsupported", f"{reader.name!r} is not channels_last")
+                stack.append((reader, flat))
             elif isinstance(reader, _COUPLING):
                 return _Blocked(
                     name, "coupled", f"its channels join others in {kind} {reader.name!r}"
