@@ -376,3 +376,26 @@ def test_conv_zipped_model_with_batch_norm_round_trips(fashion, tmp_path):
         assert_close(next(iter(tflite.values())), expected[task])
     scale = max(1.0, max(float(np.abs(v).max()) for v in expected.values()))
     assert max(result["parity"]["tflite"].values()) <= FLOAT32_TOLERANCE * scale
+
+
+def test_padding_cropping_upsampling_relu6_model_exports_with_parity(tmp_path):
+    """The keras.applications layers the reader accepts (Rescaling, ZeroPadding2D,
+    ReLU(6), Cropping2D, UpSampling2D) survive SavedModel and TFLite, per task too."""
+    from test_graph import _padded_relu6_model
+
+    model = _padded_relu6_model()
+    other = keras.models.clone_model(model)
+    x = np.random.default_rng(0).uniform(0, 255, size=(16, 8, 8, 3)).astype("float32")
+    calib = tf.data.Dataset.from_tensor_slices(x).batch(8)
+    zipped, _ = mtz_tf.zip_models(
+        {"a": model, "b": other}, {"a": calib, "b": calib}, share=0.5, verbose=0
+    )
+    out_dir = str(tmp_path / "small")
+    result = export_lib.export(zipped, out_dir, per_task_tflite=True, parity_data=x)
+    expected = zipped(x)
+    for task in ("a", "b"):
+        tflite = export_lib.run_tflite(
+            os.path.join(out_dir, f"model_{task}.tflite"), f"serve_{task}", x
+        )
+        assert_close(next(iter(tflite.values())), expected[task])
+    assert {"keras", "tflite", "tflite_a", "tflite_b"} <= set(result["parity"])
