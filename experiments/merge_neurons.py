@@ -110,7 +110,6 @@ def main(argv):
         threshold=FLAGS.threshold,
         lamda=FLAGS.lamda,
         scale=FLAGS.scale,
-        return_report=True,
     )
     after = training.accuracy(compressed, x, labels)
     for r in reports:

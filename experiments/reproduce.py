@@ -235,11 +235,11 @@ def zip_merge_experiment() -> str:
         for merge in (False, True):
             if ratio == 0.0 and merge:
                 continue
-            small = merge_neurons(trunk, ratio, merge=merge) if ratio else trunk
+            small = merge_neurons(trunk, ratio, merge=merge)[0] if ratio else trunk
             outputs = small.predict(x_test, batch_size=1000, verbose=0)
             zipped_acc = {t: float((outputs[t].argmax(-1) == y_test).mean()) for t in tasks}
             separate = {
-                t: merge_neurons(m, ratio, merge=merge) if ratio else m
+                t: merge_neurons(m, ratio, merge=merge)[0] if ratio else m
                 for t, m in originals.items()
             }
             rows.append(

@@ -85,7 +85,6 @@ def run_lenet300() -> None:
                     criterion=criterion,
                     merge=mode == "merge",
                     threshold=0.45,
-                    return_report=True,
                 )
                 row[mode] = training.accuracy(compressed, x, labels)
                 row["params"] = int(compressed.count_params())
@@ -185,7 +184,7 @@ def _sweep(model, val, test, settings, thresholds, criterion="l1-norm"):
     """Prune vs merge (reference and exact scale) per setting; threshold chosen on validation."""
     rows = []
     for label, ratio in settings:
-        pruned = neuron_merging.compress(model, ratio, criterion=criterion, merge=False)
+        pruned, _ = neuron_merging.compress(model, ratio, criterion=criterion, merge=False)
         row = {
             "setting": label,
             "criterion": criterion,
@@ -204,7 +203,6 @@ def _sweep(model, val, test, settings, thresholds, criterion="l1-norm"):
                     criterion=criterion,
                     threshold=threshold,
                     scale=scale,
-                    return_report=True,
                 )
                 val_acc = training.accuracy(merged, *val)
                 row[f"merge_{scale}_val_by_threshold"][str(threshold)] = val_acc

@@ -86,7 +86,7 @@ def test_neuron_merging_prunes_resnet50_where_no_stream_is_written(resnet50, ima
     prunable = nm.prunable_layers(resnet50)
     assert len(prunable) == 33 and prunable[0] == "conv1_conv"
     assert all(name.endswith(("_1_conv", "_2_conv")) for name in prunable[1:])
-    merged, report = nm.compress(resnet50, 0.5, return_report=True)
+    merged, report = nm.compress(resnet50, 0.5)
     assert merged.get_layer("conv2_block1_1_conv").filters == 32
     assert merged.get_layer("conv5_block3_2_conv").filters == 256
     assert merged.get_layer("conv5_block3_3_conv").filters == 2048

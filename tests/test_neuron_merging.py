@@ -74,11 +74,11 @@ def test_dense_duplicate_merges_without_changing_outputs():
     bias[1] = 0.1 * bias[0]
     model.get_layer("hidden").set_weights([kernel, bias])
     x = _x((4,))
-    merged, report = nm.compress(model, 1 / 6, threshold=0.99, return_report=True)
+    merged, report = nm.compress(model, 1 / 6, threshold=0.99)
     assert merged.get_layer("hidden").units == 5
     assert report[0].merged == 1 and report[0].kept == 5
     assert_close(_predict(merged, x), _predict(model, x))
-    pruned = nm.compress(model, 1 / 6, merge=False)
+    pruned, _ = nm.compress(model, 1 / 6, merge=False)
     assert not np.allclose(_predict(pruned, x), _predict(model, x), atol=1e-3)
 
 
@@ -95,7 +95,7 @@ def test_conv_flatten_duplicate_merges_without_changing_outputs():
     bias[:] = [0.5, -0.4, 0.03, 0.1]
     kernel[..., :2] *= 4.0
     model.get_layer("c1").set_weights([kernel, bias])
-    merged = nm.compress(model, {"c1": 0.25}, threshold=0.99)
+    merged, _ = nm.compress(model, {"c1": 0.25}, threshold=0.99)
     assert merged.get_layer("c1").filters == 3
     assert merged.get_layer("fc").kernel.shape == (2 * 2 * 3, 3)
     x = _x((6, 6, 2))
@@ -124,12 +124,10 @@ def test_bn_duplicate_is_exact_with_the_exact_scale_and_not_with_the_reference_o
     _duplicate_bn_channel(model, 0, 4, 0.2, eps)
     x = _x((8, 8, 2))
     ratio = {"c1": 1 / 6}
-    exact, report = nm.compress(
-        model, ratio, criterion="l2-norm", scale="exact", threshold=0.99, return_report=True
-    )
+    exact, report = nm.compress(model, ratio, criterion="l2-norm", scale="exact", threshold=0.99)
     assert report[0].merged == 1 and report[0].batch_norm == "bn1"
     assert_close(_predict(exact, x), _predict(model, x))
-    reference = nm.compress(model, ratio, criterion="l2-norm", scale="reference", threshold=0.99)
+    reference, _ = nm.compress(model, ratio, criterion="l2-norm", scale="reference", threshold=0.99)
     assert not np.allclose(_predict(reference, x), _predict(model, x), atol=1e-3)
 
 
@@ -236,7 +234,7 @@ def _zero_inputs(model, consumer, channels, positions=1):
 def test_prune_only_equals_ignoring_the_removed_channels():
     model = _conv_bn_model(bias=True)
     x = _x((8, 8, 2))
-    pruned = nm.compress(model, 0.5, criterion="l1-norm", merge=False)
+    pruned, _ = nm.compress(model, 0.5, criterion="l1-norm", merge=False)
     # Kept channels by an independent l1 computation on the kernels (BN: no bias in the vector).
     expected = model
     previous = np.arange(2)  # Kept input channels of the current layer.
@@ -266,7 +264,7 @@ def test_prune_only_equals_ignoring_the_removed_channels():
 def test_vgg16_chain_prunes_every_conv_and_fc1():
     model = models.vgg16(input_shape=(28, 28, 1), width_multiplier=0.0625, seed=0)
     assert nm.prunable_layers(model) == [f"conv{i}" for i in range(1, 14)] + ["fc1"]
-    merged, report = nm.compress(model, 0.5, threshold=0.0, return_report=True)
+    merged, report = nm.compress(model, 0.5, threshold=0.0)
     assert all(r.batch_norm is not None for r in report)
     assert all(r.merged == r.units - r.kept for r in report)  # Threshold 0: all merged.
     assert merged.get_layer("fc2").kernel.shape == (16, 10)
@@ -278,7 +276,7 @@ def test_residual_blocks_prune_only_the_inner_conv():
     names = nm.prunable_layers(model)
     assert names == [f"stage{s}_block{b}_conv1" for s in (1, 2, 3) for b in (1, 2, 3)]
     x = _x((8, 8, 3), n=8)
-    pruned = nm.compress(model, 0.5, merge=False)
+    pruned, _ = nm.compress(model, 0.5, merge=False)
     expected = model
     for name in names:
         kernel = model.get_layer(name).get_weights()[0]
@@ -288,7 +286,7 @@ def test_residual_blocks_prune_only_the_inner_conv():
         consumer = name.replace("conv1", "conv2")
         expected = _zero_inputs(expected, consumer, np.setdiff1d(np.arange(n), keep))
     assert_close(_predict(pruned, x), _predict(expected, x))
-    merged = nm.compress(model, 0.5)  # The BN variant runs through the residual graph too.
+    merged, _ = nm.compress(model, 0.5)  # The BN variant runs through the residual graph too.
     assert merged.count_params() == pruned.count_params() < model.count_params()
 
 
@@ -299,7 +297,7 @@ def test_residual_blocks_prune_only_the_inner_conv():
 def test_input_untouched_result_smaller_and_round_trips(tmp_path):
     model = _conv_bn_model()
     before = [w.copy() for w in model.get_weights()]
-    merged = nm.compress(model, 0.5, criterion="l2-GM")
+    merged, _ = nm.compress(model, 0.5, criterion="l2-GM")
     for a, b in zip(before, model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert merged.count_params() < model.count_params()
@@ -322,10 +320,10 @@ def test_sequential_model_and_ratio_zero():
             keras.layers.Dense(2, name="b"),
         ]
     )
-    same = nm.compress(model, 0.0)
+    same, _ = nm.compress(model, 0.0)
     x = _x((5,))
     assert_close(_predict(same, x), _predict(model, x))
-    smaller = nm.compress(model, 0.5)
+    smaller, _ = nm.compress(model, 0.5)
     assert isinstance(smaller, keras.Sequential) and smaller.get_layer("a").units == 4
 
 
@@ -407,7 +405,7 @@ def test_non_homogeneous_activation_refuses_to_merge_but_prunes(activation):
     model = _dense_model(activation=activation)
     with pytest.raises(ValueError, match="not positively homogeneous"):
         nm.compress(model, 0.5)
-    pruned = nm.compress(model, 0.5, merge=False)
+    pruned, _ = nm.compress(model, 0.5, merge=False)
     assert pruned.get_layer("hidden").units == 3
 
 
@@ -438,8 +436,8 @@ def test_reproduces_published_lenet300_l1_cells_at_half():
     x = data.normalize(images, "symmetric")
     model = torch_weights.lenet_300_100_from_torch_npz(NPZ)
     assert training.accuracy(model, x, labels) == pytest.approx(0.8980, abs=1e-6)
-    pruned = nm.compress(model, 0.5, merge=False)
-    merged = nm.compress(model, 0.5, threshold=0.45)
+    pruned, _ = nm.compress(model, 0.5, merge=False)
+    merged, _ = nm.compress(model, 0.5, threshold=0.45)
     assert training.accuracy(pruned, x, labels) == pytest.approx(0.8840, abs=5e-4)
     assert training.accuracy(merged, x, labels) == pytest.approx(0.8869, abs=5e-4)
     assert merged.count_params() == 784 * 150 + 150 + 150 * 50 + 50 + 50 * 10 + 10
@@ -460,7 +458,7 @@ def test_output_units_are_never_pruned(separate_softmax):
         outputs = keras.layers.Dense(4, activation="softmax", name="predictions")(x)
     model = keras.Model(inputs, outputs)
     assert nm.prunable_layers(model) == ["h1", "h2"]
-    merged = nm.compress(model, 0.5)
+    merged, _ = nm.compress(model, 0.5)
     assert [merged.get_layer(n).units for n in ("h1", "h2", "predictions")] == [4, 4, 4]
     with pytest.raises(ValueError, match="'predictions': its units are the model's output"):
         nm.compress(model, {"predictions": 0.5})

@@ -305,7 +305,7 @@ def test_multi_head_model_then_neuron_merging(lenet_a, lenet_b, calibration, fas
     x = fashion[2][:100]
     for task in ("a", "b"):
         assert_close(plain(x)[task], zipped(x)[task])
-    smaller = mtz_tf.compress.merge_neurons(plain, 0.5)
+    smaller, _ = mtz_tf.compress.merge_neurons(plain, 0.5)
     hidden = [layer.units for layer in smaller.layers if isinstance(layer, keras.layers.Dense)]
     assert hidden[:2] == [150, 50] and set(smaller(x)) == {"a", "b"}
     partial, _ = mtz_tf.zip_models({"a": lenet_a, "b": lenet_b}, calib, share=0.5, verbose=0)

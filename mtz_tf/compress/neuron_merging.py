@@ -582,8 +582,7 @@ def compress(
     threshold: float | None = None,
     lamda: float = DEFAULT_LAMDA,
     scale: str = "reference",
-    return_report: bool = False,
-):
+) -> tuple[keras.Model, list]:
     """Prunes hidden Dense/Conv2D layers and (``merge=True``) folds pruned neurons into kept ones.
 
     See the module docstring for the mathematics. Every pruned layer keeps
@@ -606,10 +605,9 @@ def compress(
         scale: str, ``"reference"`` (the reference code's BatchNorm slope, needed to reproduce
             published numbers) or ``"exact"`` (s·(γ_i/γ_j)·(σ_j/σ_i)); both are ||v_i||/||v_j||
             for layers without BatchNorm.
-        return_report: bool, also return a list of :class:`LayerReport`.
-
     Returns:
-        A new, physically smaller keras.Model (or ``(model, reports)``).
+        ``(model, report)``: a new, physically smaller keras.Model, and a list of
+        :class:`LayerReport`, one per pruned layer.
 
     Raises:
         ValueError: ratio outside [0, 1); unknown criterion/scale; a named layer that cannot be
@@ -689,4 +687,4 @@ def compress(
         for name, ws in weights.items()
     }
     new_model = surgery.rebuild(model, widths, cast)
-    return (new_model, reports) if return_report else new_model
+    return new_model, reports
