@@ -79,7 +79,7 @@ def main(argv):
             f"{100 * (1 - report.layers[-1].accuracy_after_retraining[task]):.2f} % |"
         )
     print(
-        f"Retraining: {report.retrain_steps} joint iterations "
+        f"\nRetraining: {report.retrain_steps} joint iterations "
         f"(training one model took {FLAGS.epochs * steps_per_epoch} iterations)."
     )
     print(f"Saved {path}")
