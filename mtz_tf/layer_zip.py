@@ -14,6 +14,8 @@ Weight layouts for the cost (``hessian`` mode):
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -79,8 +81,11 @@ def layers_hessians(
         rows = []
         for (start, count, listed), state in zip(spans, states):
             if listed:  # one tensor per task: task t's, picked by the traced index
-                parts = [x[..., : state.input_shared_units] for x in flat[start : start + count]]
-                x = tf.gather(tf.stack(parts), t)
+                branches = [
+                    functools.partial(lambda x, k: x[..., :k], x, state.input_shared_units)
+                    for x in flat[start : start + count]
+                ]
+                x = tf.switch_case(t, branches)  # computes task t's slice only
             else:  # one tensor common to all tasks
                 x = flat[start][..., : state.input_shared_units]
             rows.append(hessian_rows(x, state, mode))

@@ -85,12 +85,16 @@ class ZipReport:
     def __str__(self) -> str:
         return self.table()
 
+    def _stream_numbers(self) -> dict:
+        """{layer name: 1-based number of its residual stream} for stream members."""
+        return {n: i + 1 for i, group in enumerate(self.coupled_groups or []) for n in group}
+
     def table(self) -> str:
         """The report as a table for the terminal (Markdown pipes): per hidden layer its
         stream, shared count / width, merge cost, each task's accuracy right after zipping
         and after retraining (when labels were given), retraining steps and seconds; then
         the input models' accuracy and the parameter counts."""
-        streams = {n: i + 1 for i, group in enumerate(self.coupled_groups or []) for n in group}
+        streams = self._stream_numbers()
         tasks = list(self.tasks)
         header = ["layer", "stream", "shared / width", "merge cost"]
         measured = [
@@ -139,7 +143,7 @@ class ZipReport:
         from matplotlib.figure import Figure
 
         names = [layer.name for layer in self.layers]
-        streams = {n: i + 1 for i, group in enumerate(self.coupled_groups or []) for n in group}
+        streams = self._stream_numbers()
         labels = [f"{n}\n(s{streams[n]})" if n in streams else n for n in names]
         positions = list(range(len(names)))
         accuracy = self.accuracy_original is not None or any(

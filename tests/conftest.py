@@ -1,5 +1,7 @@
 """Shared fixtures: real Fashion-MNIST data and small trained Keras models."""
 
+import io
+import logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -53,6 +55,36 @@ def lenet_b(fashion):
 def calibration(fashion):
     x = fashion[0]
     return data.to_dataset(data.calibration_subset(x, 1000, seed=0), batch_size=250)
+
+
+def with_batch_norm_statistics(model, seed, gamma=(0.5, 1.5), variance=(0.5, 1.5)):
+    """Gives every BatchNormalization of ``model`` non-trivial γ ~ U(gamma), β and moving
+    mean ~ N(0, 0.1), moving variance ~ U(variance), as training would, so that BN matters
+    in the comparisons; returns the model. Deep models want ranges near 1 (activations
+    then stay O(1) through 50 layers)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.gamma.assign(rng.uniform(*gamma, n))
+            layer.beta.assign(rng.normal(0, 0.1, n))
+            layer.moving_mean.assign(rng.normal(0, 0.1, n))
+            layer.moving_variance.assign(rng.uniform(*variance, n))
+    return model
+
+
+@pytest.fixture
+def progress_lines():
+    """mtz_tf's messages captured as the plain lines ``mtz_tf.progress.show`` prints (a
+    StringIO); the logger is put back as it was afterwards."""
+    from mtz_tf import progress
+
+    stream = io.StringIO()
+    handler = progress.show(logging.INFO, stream)
+    yield stream
+    progress.logger.removeHandler(handler)
+    progress.logger.propagate = True
+    progress.logger.setLevel(logging.NOTSET)
 
 
 def max_abs_diff(a, b) -> float:

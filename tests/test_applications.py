@@ -8,7 +8,7 @@ error that names the first such layer.
 import keras
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import assert_close, with_batch_norm_statistics
 
 import mtz_tf
 from mtz_tf import data, models
@@ -19,17 +19,9 @@ SHAPE = (32, 32, 3)
 
 
 def _randomized_batch_norm(model, seed):
-    """Non-trivial BatchNorm γ, β and moving statistics, as training would leave them; the
-    variances are kept near 1 so that activations stay O(1) through 50 layers."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.gamma.shape[0]
-            layer.gamma.assign(rng.uniform(0.5, 1.0, n))
-            layer.beta.assign(rng.normal(0, 0.1, n))
-            layer.moving_mean.assign(rng.normal(0, 0.1, n))
-            layer.moving_variance.assign(rng.uniform(0.8, 1.2, n))
-    return model
+    """BatchNorm statistics as training would leave them, with the variances near 1 so that
+    activations stay O(1) through 50 layers."""
+    return with_batch_norm_statistics(model, seed, gamma=(0.5, 1.0), variance=(0.8, 1.2))
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,6 @@ import mtz_tf
 from mtz_tf import cli, data, progress
 
 
-@pytest.fixture
-def shown():
-    """mtz_tf's messages captured as the plain lines :func:`progress.show` prints."""
-    stream = io.StringIO()
-    handler = progress.show(logging.INFO, stream)
-    yield stream
-    progress.logger.removeHandler(handler)
-    progress.logger.propagate = True
-    progress.logger.setLevel(logging.NOTSET)
-
-
 def _pair():
     models = {}
     for seed, task in enumerate(("a", "b")):
@@ -38,10 +27,10 @@ def _pair():
     return models, calibration, evaluation
 
 
-def test_a_zip_logs_one_line_per_hidden_layer(shown):
+def test_a_zip_logs_one_line_per_hidden_layer(progress_lines):
     models, calibration, evaluation = _pair()
     _, report = mtz_tf.zip_models(models, calibration, share=[5, 2], evaluation=evaluation)
-    lines = shown.getvalue().splitlines()
+    lines = progress_lines.getvalue().splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("[zip 1/2] h1: shared 5/5, merge cost ")
     assert lines[1].startswith("[zip 2/2] h2: shared 2/4, merge cost ")
@@ -49,13 +38,13 @@ def test_a_zip_logs_one_line_per_hidden_layer(shown):
     assert f"acc zipped a={accuracy:.4f}" in lines[1]
 
 
-def test_verbose_zero_logs_nothing(shown):
+def test_verbose_zero_logs_nothing(progress_lines):
     models, calibration, _ = _pair()
     mtz_tf.zip_models(models, calibration, share=1.0, verbose=0)
-    assert shown.getvalue() == ""
+    assert progress_lines.getvalue() == ""
 
 
-def test_show_replaces_its_handler_and_prefixes_warnings(shown):
+def test_show_replaces_its_handler_and_prefixes_warnings(progress_lines):
     stream = io.StringIO()
     handler = progress.show(logging.INFO, stream)
     try:
@@ -65,13 +54,13 @@ def test_show_replaces_its_handler_and_prefixes_warnings(shown):
         shown_handlers = [h for h in progress.logger.handlers if getattr(h, "_mtz_tf_show", 0)]
         assert shown_handlers == [handler]
         assert stream.getvalue() == "one line\nwarning: careful\n"
-        assert shown.getvalue() == ""  # the earlier handler is gone
+        assert progress_lines.getvalue() == ""  # the earlier handler is gone
     finally:
         progress.logger.removeHandler(handler)
 
 
 @pytest.mark.parametrize("verbosity, quiet", [(0, True), (-1, True), (1, False)])
-def test_binaries_silence_framework_info_unless_asked(verbosity, quiet, shown):
+def test_binaries_silence_framework_info_unless_asked(verbosity, quiet, progress_lines):
     from absl import logging as absl_logging
 
     before = {name: logging.getLogger(name).level for name in cli.NOISY_LOGGERS}

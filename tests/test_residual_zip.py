@@ -3,34 +3,20 @@
 import keras
 import numpy as np
 import pytest
-from conftest import InterruptAtTraining, assert_close, max_abs_diff
+from conftest import InterruptAtTraining, assert_close, max_abs_diff, with_batch_norm_statistics
 
 import mtz_tf
 from mtz_tf import data, models
 
 
-def _with_batch_norm_statistics(model, seed):
-    """Gives every BatchNormalization non-trivial γ, β and moving statistics, as training
-    would, so that BN matters in the comparisons."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.gamma.shape[0]
-            layer.gamma.assign(rng.uniform(0.5, 1.5, n))
-            layer.beta.assign(rng.normal(0, 0.1, n))
-            layer.moving_mean.assign(rng.normal(0, 0.1, n))
-            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n))
-    return model
-
-
 @pytest.fixture(scope="module")
 def resnet():
-    return _with_batch_norm_statistics(models.resnet20((28, 28, 1), 5, 0.25, seed=1), 0)
+    return with_batch_norm_statistics(models.resnet20((28, 28, 1), 5, 0.25, seed=1), 0)
 
 
 @pytest.fixture(scope="module")
 def resnet8():
-    return _with_batch_norm_statistics(
+    return with_batch_norm_statistics(
         models.resnet20((28, 28, 1), 5, 0.25, seed=3, blocks_per_stage=1), 2
     )
 
@@ -92,7 +78,7 @@ def test_three_resnets_zip_into_one(resnet8, images):
 def test_partial_share_keeps_streams_consistent(resnet8, images):
     x, calib = images
     resnet = resnet8
-    other = _with_batch_norm_statistics(
+    other = with_batch_norm_statistics(
         models.resnet20((28, 28, 1), 5, 0.25, seed=4, blocks_per_stage=1), 1
     )
     zipped, report = mtz_tf.zip_models(
@@ -134,10 +120,10 @@ def test_adding_a_permuted_copy_to_a_zipped_resnet_from_disk(resnet8, images, tm
 @pytest.mark.slow
 def test_adding_a_task_to_a_partially_zipped_resnet(resnet8, images):
     x, calib = images
-    other = _with_batch_norm_statistics(
+    other = with_batch_norm_statistics(
         models.resnet20((28, 28, 1), 5, 0.25, seed=4, blocks_per_stage=1), 1
     )
-    newcomer = _with_batch_norm_statistics(
+    newcomer = with_batch_norm_statistics(
         models.resnet20((28, 28, 1), 5, 0.25, seed=5, blocks_per_stage=1), 3
     )
     pair, calibration = {"a": calib, "b": calib}, {t: calib for t in "abc"}
@@ -174,7 +160,7 @@ def test_adding_a_task_to_a_partially_zipped_resnet(resnet8, images):
 @pytest.mark.slow
 def test_share_budget_gives_each_stream_one_count(resnet8, images):
     _, calib = images
-    other = _with_batch_norm_statistics(
+    other = with_batch_norm_statistics(
         models.resnet20((28, 28, 1), 5, 0.25, seed=4, blocks_per_stage=1), 1
     )
     pair, calibration = {"a": resnet8, "b": other}, {"a": calib, "b": calib}
@@ -305,7 +291,7 @@ def test_padding_rescaling_and_relu6_zip_back_to_the_original():
     a permuted copy of itself computes the original, and its task model and .keras file too."""
     from test_graph import _padded_relu6_model
 
-    model = _with_batch_norm_statistics(_padded_relu6_model(), seed=1)
+    model = with_batch_norm_statistics(_padded_relu6_model(), seed=1)
     permuted = models.permute_hidden(model, seed=3)
     x = np.random.default_rng(0).uniform(0, 255, size=(16, 8, 8, 3)).astype("float32")
     calib = data.to_dataset(x, batch_size=8)
