@@ -23,6 +23,11 @@ which costs one Cholesky (d³/3), two products with H (2d²n each), two triangul
 (d²n each) and one cross product (2dn²). A T-way tie is w̃ = (Σ H_t)⁻¹ Σ H_t w_t with cost
 ½ Σ_t (w_t − w̃)ᵀ H_t (w_t − w̃).
 
+Per-neuron Hessians. A depthwise convolution's channel c reads its own input channel only,
+so each neuron has its own Hessian H_{t,c} (its kh·kw patch, plus bias): Hessians are then
+given as (n, d, d), one per weight column, and every formula above holds pair by pair, with
+H_A = H_{A,i} and H_B = H_{B,j} for the pair (i, j) (DESIGN.md, "Depthwise convolutions").
+
 Damping: every H_t is replaced by H_t + δ I with δ = ``damping`` · mean_t(mean(diag H_t))
 (δ = ``damping`` when all Hessians are zero). The results are then the exact optimum for the
 damped Hessians: finite for singular H_t, and along input directions no task ever excites
@@ -86,11 +91,28 @@ def damp_hessians(hessians: Sequence, damping: float = DEFAULT_DAMPING) -> list[
     hessians = [_as_f64(h) for h in hessians]
     scale = tf.reduce_mean(tf.stack([tf.reduce_mean(tf.linalg.diag_part(h)) for h in hessians]))
     delta = damping * tf.where(scale > 0, scale, tf.ones_like(scale))
-    eye = tf.eye(tf.shape(hessians[0])[0], dtype=tf.float64)
+    eye = tf.eye(tf.shape(hessians[0])[-1], dtype=tf.float64)
     return [h + delta * eye for h in hessians]
 
 
+def is_per_neuron(hessian) -> bool:
+    """Whether a Hessian is given per neuron, (n, d, d), rather than per layer, (d, d)."""
+    return len(np.shape(hessian)) == 3
+
+
+def _check_per_neuron(weights: Sequence[tf.Tensor], hessians: Sequence[tf.Tensor]) -> None:
+    for i, (w, h) in enumerate(zip(weights, hessians)):
+        if w.shape.rank != 2 or h.shape != (w.shape[1], w.shape[0], w.shape[0]):
+            raise ValueError(
+                f"With per-neuron Hessians, weight matrix {i} must be (d, n) and Hessian {i} "
+                f"(n, d, d). Received {w.shape} and {h.shape}."
+            )
+
+
 def _check_shapes(weights: Sequence[tf.Tensor], hessians: Sequence[tf.Tensor]) -> None:
+    if is_per_neuron(hessians[0]):
+        _check_per_neuron(weights, hessians)
+        return
     d = hessians[0].shape[-1]
     for i, h in enumerate(hessians):
         if h.shape.rank != 2 or h.shape[0] != h.shape[1] or h.shape[0] != d:
@@ -135,6 +157,8 @@ def merge_costs(w_a, w_b, h_a, h_b, damping: float = DEFAULT_DAMPING) -> tf.Tens
     w_a, w_b, h_a, h_b = (_as_f64(v) for v in (w_a, w_b, h_a, h_b))
     _check_shapes([w_a, w_b], [h_a, h_b])
     h_a, h_b = damp_hessians([h_a, h_b], damping)
+    if is_per_neuron(h_a):
+        return _per_neuron_merge_costs(w_a, w_b, h_a, h_b)
     n_a, n_b = w_a.shape[-1], w_b.shape[-1]
     positions = int(np.prod(w_a.shape[:-2]))
     a, b = _columns(w_a), _columns(w_b)  # (d, P·n_a), (d, P·n_b)
@@ -155,6 +179,32 @@ def merge_costs(w_a, w_b, h_a, h_b, damping: float = DEFAULT_DAMPING) -> tf.Tens
     cross = tf.einsum("dpi,dpj->ij", u3, v3)  # AᵀMB summed over positions
     cost = 0.5 * (diag_a[:, None] + diag_b[None, :] - 2.0 * cross)
     return tf.maximum(cost, 0.0)
+
+
+PAIR_BLOCK = 1 << 22
+"""Elements of the (pairs, d, d) systems solved at once for per-neuron Hessians."""
+
+
+def _per_neuron_merge_costs(w_a, w_b, h_a, h_b) -> tf.Tensor:
+    """:func:`merge_costs` with damped per-neuron Hessians h_a (n_a, d, d), h_b (n_b, d, d):
+    ΔE_ij = ½ (H_{A,i} d)ᵀ (H_{A,i} + H_{B,j})⁻¹ (H_{B,j} d), d = a_i − b_j, solved for blocks
+    of rows of pairs at once."""
+    a, b = w_a.numpy().T, w_b.numpy().T  # (n_a, d), (n_b, d)
+    h_a, h_b = h_a.numpy(), h_b.numpy()
+    d, n_b = a.shape[1], b.shape[0]
+    if d == 0:  # neurons without weights (a standalone BatchNorm kept per task) tie freely
+        return tf.zeros((a.shape[0], n_b), tf.float64)
+    rows = max(1, PAIR_BLOCK // max(n_b * d * d, 1))
+    blocks = []
+    for start in range(0, a.shape[0], rows):
+        h_i = h_a[start : start + rows, None]  # (r, 1, d, d)
+        delta = a[start : start + rows, None, :] - b[None]  # (r, n_b, d)
+        left = np.einsum("ixpq,ijq->ijp", h_i, delta)  # H_{A,i} d
+        right = np.einsum("jpq,ijq->ijp", h_b, delta)  # H_{B,j} d
+        solved = np.linalg.solve(h_i + h_b[None], right[..., None])[..., 0]
+        blocks.append(0.5 * np.sum(left * solved, axis=-1))
+    cost = np.concatenate(blocks) if blocks else np.zeros((0, n_b))
+    return tf.constant(np.maximum(cost, 0.0))
 
 
 def merged_weights(
@@ -179,6 +229,11 @@ def merged_weights(
     hessians = [_as_f64(h) for h in hessians]
     _check_shapes(weights, hessians)
     hessians = damp_hessians(hessians, damping)
+    if is_per_neuron(hessians[0]):  # w̃_c = (Σ_t H_{t,c})⁻¹ Σ_t H_{t,c} w_{t,c} for every c
+        if weights[0].shape[0] == 0:
+            return weights[0]
+        rhs = tf.add_n([tf.einsum("cpq,qc->cp", h, w) for h, w in zip(hessians, weights)])
+        return tf.transpose(tf.linalg.solve(tf.add_n(hessians), rhs[..., None])[..., 0])
     shape = tf.shape(weights[0])
     positions = int(np.prod(weights[0].shape[:-2]))
     rhs = tf.add_n([h @ _columns(w) for h, w in zip(hessians, weights)])  # (d, P·n)
@@ -201,8 +256,13 @@ def deviation_costs(
     Returns:
         float64 (n,), summed over positions.
     """
-    merged = _columns(_as_f64(merged))  # (d, P·n)
     hessians = damp_hessians(hessians, damping)
+    if is_per_neuron(hessians[0]):
+        deltas = [_as_f64(w) - _as_f64(merged) for w in weights]  # (d, n)
+        return 0.5 * tf.add_n(
+            [tf.einsum("pc,cpq,qc->c", x, h, x) for x, h in zip(deltas, hessians)]
+        )
+    merged = _columns(_as_f64(merged))  # (d, P·n)
     w0 = _as_f64(weights[0])
     positions, n = int(np.prod(w0.shape[:-2])), w0.shape[-1]
     total = tf.zeros([n], tf.float64)

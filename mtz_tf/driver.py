@@ -222,7 +222,7 @@ def decide_group(
                 view = _aligned_view(states[w], original[w], top.source[w], provisional, t, mode)
                 w_0, w_t, h_0, h_t = view
                 if t > 1:  # task 0's matched neurons stand in for the group
-                    w_0 = w_0[..., picked[0]]
+                    w_0, h_0 = w_0[..., picked[0]], layer_zip.neurons(h_0, picked[0])
                 costs = costs + layer_zip.pair_costs(w_0, w_t, h_0, h_t, config, rng)
         seeding = t == 1
         if seeding and threshold is not None:
@@ -239,9 +239,12 @@ def decide_group(
             rows, cols = rows[order], cols[order]
         picked[t] = cols
         for w, (w_g, h_g) in group.items():
-            pair = [w_g[..., rows] if seeding else w_g, layouts[w][t][..., cols]]
-            merged = cost.merged_weights(pair, [h_g, current[w][t]], config["damping"]).numpy()
-            group[w] = (merged, h_g + current[w][t])
+            if seeding:
+                w_g, h_g = w_g[..., rows], layer_zip.neurons(h_g, rows)
+            h_t = layer_zip.neurons(current[w][t], cols)
+            pair = [w_g, layouts[w][t][..., cols]]
+            merged = cost.merged_weights(pair, [h_g, h_t], config["damping"]).numpy()
+            group[w] = (merged, h_g + h_t)
     return picked
 
 
@@ -277,7 +280,7 @@ def decide_newcomer(g, top, states, current, pair_states, provisional, original,
             w_new = layer_zip.cost_layout(
                 state, state.kernels[newcomer], state.biases[newcomer], mode
             )
-            h_group = tf.add_n([current[w][t] for t in members])
+            h_group = layer_zip.neurons(tf.add_n([current[w][t] for t in members]), slice(k))
             costs = costs + layer_zip.pair_costs(
                 w_group, w_new, h_group, current[w][newcomer], config, rng
             )
@@ -285,6 +288,7 @@ def decide_newcomer(g, top, states, current, pair_states, provisional, original,
             w_0, w_new, h_0, h_new = _aligned_view(
                 pair_states[w], original[w], top.source[w], provisional, 1, mode
             )
+            h_0 = layer_zip.neurons(h_0, slice(k))
             costs = costs + layer_zip.pair_costs(w_0[..., :k], w_new, h_0, h_new, config, rng)
     rows, cols = matching_lib.match(costs, k, config["matching"])
     return cols[np.argsort(rows)]
@@ -364,13 +368,14 @@ def tie_unit(state: stack.LayerState, k: int, hessians, config, joining=None) ->
         layer_zip.cost_layout(state, state.kernels[t], state.biases[t], mode)[..., :k]
         for t in joining
     ]
-    weights, sizes = [hessians[t] for t in joining], [1] * len(joining)
+    weights = [layer_zip.neurons(hessians[t], slice(k)) for t in joining]
+    sizes = [1] * len(joining)
     if state.shared_units:
         members = [t for t, s in enumerate(state.sharing) if s and t not in joining]
         layouts.insert(
             0, layer_zip.cost_layout(state, state.shared_kernel, state.shared_bias, mode)
         )
-        weights.insert(0, tf.add_n([hessians[t] for t in members]))
+        weights.insert(0, layer_zip.neurons(tf.add_n([hessians[t] for t in members]), slice(k)))
         sizes.insert(0, len(members))
     if config["merge"] == "hessian":
         merged = cost.merged_weights(layouts, weights, damping).numpy()

@@ -49,15 +49,24 @@ def _supported_types() -> str:
 MODEL_INPUT = -1
 """The ``inputs`` index that stands for the model input."""
 
+CHANNELWISE_KINDS = ("DepthwiseConv2D", "BatchNormalization")
+"""Unit kinds whose neuron c reads only input channel c: a depthwise convolution
+(depth_multiplier 1) and a BatchNorm that does not follow a Dense/Conv2D layer (a
+pre-activation BatchNorm, read as a 1×1 depthwise convolution of ones followed by that
+BatchNorm). Such a unit's channels are tied one to one to its input's, so it joins its input
+channels' coupled group instead of reading it."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """A ``Dense`` or ``Conv2D`` layer with its BatchNorm and activation: zippable neurons.
+    """A ``Dense``, ``Conv2D`` or channel-wise layer with its BatchNorm and activation:
+    zippable neurons.
 
     Attributes:
-        name: str, the weighted layer's name in the source model.
-        kind: str, ``"Dense"`` or ``"Conv2D"``.
-        units: int, number of neurons (units or filters).
+        name: str, the weighted layer's name in the source model (a standalone
+            BatchNorm's own name).
+        kind: str, ``"Dense"``, ``"Conv2D"`` or one of :data:`CHANNELWISE_KINDS`.
+        units: int, number of neurons (units, filters, or channels of a channel-wise unit).
         use_bias: bool, whether the weighted layer has a bias.
         activation: str, the element-wise activation applied after it (and after its BN),
             as :func:`mtz_tf.activations.identify` names it (a built-in's name, or a
@@ -65,7 +74,8 @@ class Unit:
             function.
         batch_norm: str or None, the name of the ``BatchNormalization`` layer right after it.
         batch_norm_epsilon: float or None, that BatchNorm's epsilon.
-        conv: tuple or None, ``(kernel_size, strides, padding)`` of a ``Conv2D``.
+        conv: tuple or None, ``(kernel_size, strides, padding)`` of a ``Conv2D`` or
+            channel-wise unit (``((1, 1), (1, 1), "valid")`` for a standalone BatchNorm).
         input_group: int, rows of the kernel per input channel: H·W of the feature map a
             ``Flatten`` turned into this Dense layer's input, else 1.
         inputs: tuple of int, indices into ``Plan.steps`` of the steps it reads
@@ -138,6 +148,11 @@ class CoupledGroup:
         return tuple(name for name, _, _ in self.members)
 
 
+def is_channelwise(unit: Unit) -> bool:
+    """Whether ``unit``'s neuron c reads only its input channel c (:data:`CHANNELWISE_KINDS`)."""
+    return unit.kind in CHANNELWISE_KINDS
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The model's steps in topological order, each naming the steps it reads.
@@ -201,8 +216,9 @@ class Plan:
             if partial or len(set(members)) != len(members):
                 raise ValueError(
                     f"Layers {sorted(set(partial))} have only part of their channels coupled "
-                    "with other layers (a Concatenate feeding an Add); zipping needs every "
-                    "coupled layer's channels coupled as a whole."
+                    "with other layers (an Add, depthwise convolution or standalone BatchNorm "
+                    "reading a Concatenate of several layers' outputs, as in DenseNet); "
+                    "zipping needs every coupled layer's channels coupled as a whole."
                 )
             if len(units) - 1 in members:
                 raise ValueError(
@@ -216,7 +232,8 @@ class Plan:
 
     def input_group(self, unit_index: int, groups: list[tuple]):
         """The index into ``groups`` of the set whose output unit ``unit_index`` reads, or
-        None when it reads the model input.
+        None when it reads the model input or is channel-wise (:func:`is_channelwise`: it is
+        a member of its input's own set, a writer rather than a reader).
 
         Raises:
             ValueError: if it reads a ``Concatenate`` of several sets (their shared
@@ -224,7 +241,7 @@ class Plan:
         """
         unit = self.units[unit_index]
         sources = self.unit_sources(self.steps[self.unit_step(unit_index)].inputs[0])
-        if not sources:
+        if not sources or is_channelwise(unit):
             return None
         if len(sources) != 1:
             raise ValueError(
@@ -325,8 +342,11 @@ def _unit(layer, steps: list, source: int) -> Unit:
             input_group=group,
             inputs=(source,),
         )
+    kind = type(layer).__name__
     if seen_dense:
-        raise ValueError(f"Conv2D layer {layer.name!r} follows a Dense layer; not supported.")
+        raise ValueError(f"{kind} layer {layer.name!r} follows a Dense layer; not supported.")
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        return _depthwise_unit(layer, source, activation)
     if layer.groups != 1 or tuple(layer.dilation_rate) != (1, 1):
         raise ValueError(
             f"Conv2D layer {layer.name!r} uses groups={layer.groups} / dilation_rate="
@@ -342,6 +362,62 @@ def _unit(layer, steps: list, source: int) -> Unit:
         bool(layer.use_bias),
         activation,
         conv=conv,
+        inputs=(source,),
+    )
+
+
+def _depthwise_unit(layer, source: int, activation: str) -> Unit:
+    """The channel-wise :class:`Unit` of a ``DepthwiseConv2D`` layer, checked."""
+    if source == MODEL_INPUT:
+        raise ValueError(
+            f"DepthwiseConv2D layer {layer.name!r} reads the model input; its channels are "
+            "the input's own (not neurons that zipping could reorder). Start the model with a "
+            "Conv2D layer."
+        )
+    if layer.depth_multiplier != 1 or tuple(layer.dilation_rate) != (1, 1):
+        raise ValueError(
+            f"DepthwiseConv2D layer {layer.name!r} uses depth_multiplier="
+            f"{layer.depth_multiplier} / dilation_rate={layer.dilation_rate}; only "
+            "depth_multiplier=1 without dilation is supported."
+        )
+    if layer.data_format != "channels_last":
+        raise ValueError(
+            f"DepthwiseConv2D layer {layer.name!r} must use data_format='channels_last'."
+        )
+    return Unit(
+        layer.name,
+        "DepthwiseConv2D",
+        int(layer.input.shape[-1]),
+        bool(layer.use_bias),
+        activation,
+        conv=(tuple(layer.kernel_size), tuple(layer.strides), layer.padding),
+        inputs=(source,),
+    )
+
+
+def _standalone_batch_norm(layer, source: int) -> Unit:
+    """The channel-wise :class:`Unit` of a BatchNorm that does not follow a Dense/Conv2D
+    layer (e.g. a pre-activation BatchNorm after an ``Add``)."""
+    if source == MODEL_INPUT:
+        raise ValueError(
+            f"BatchNormalization layer {layer.name!r} normalizes the model input; put a "
+            "Normalization or Rescaling layer there, or start the model with a Conv2D layer."
+        )
+    if len(layer.input.shape) != 4:
+        raise ValueError(
+            f"BatchNormalization layer {layer.name!r} does not follow a Dense or Conv2D layer "
+            "and normalizes flat features; standalone BatchNorms are supported on feature "
+            "maps (batch, H, W, C). Put it right after the Dense layer instead."
+        )
+    return Unit(
+        layer.name,
+        "BatchNormalization",
+        int(layer.input.shape[-1]),
+        False,
+        "linear",
+        batch_norm=layer.name,
+        batch_norm_epsilon=float(layer.epsilon),
+        conv=((1, 1), (1, 1), "valid"),
         inputs=(source,),
     )
 
@@ -387,6 +463,17 @@ def _fold_check(layer, steps: list, source: int, uses: dict, what: str) -> Unit:
             f"{what} must be the only reader of the layer it follows."
         )
     return last
+
+
+def _folds_into(last, uses: dict, layer) -> bool:
+    """Whether a BatchNorm ``layer`` folds into the unit ``last`` it reads: the unit has
+    neither a BatchNorm nor an activation yet and ``layer`` is its only reader."""
+    return (
+        isinstance(last, Unit)
+        and last.batch_norm is None
+        and last.activation == "linear"
+        and uses[id(layer.input)] == 1
+    )
 
 
 def _relu_layer_activation(layer) -> str:
@@ -443,7 +530,16 @@ def _coupled_groups(steps: list) -> tuple:
         return np.concatenate([offset[n] + np.arange(a, b) for n, a, b in segs])
 
     edges = []
-    for step in steps:
+    for index, step in enumerate(steps):
+        if isinstance(step, Unit) and is_channelwise(step):
+            # Neuron c of a channel-wise unit reads its input channel c only.
+            ids = channels(step.inputs[0])
+            if len(ids) != step.units:
+                raise ValueError(
+                    f"Layer {step.name!r} ({step.kind}) reads channels the reader cannot trace "
+                    "to Dense/Conv2D layers."
+                )
+            edges.append(np.stack([channels(index), ids]))
         if isinstance(step, Merge) and step.kind != "Concatenate":
             first = channels(step.inputs[0])
             for other in step.inputs[1:]:
@@ -528,15 +624,11 @@ def read_plan(model: keras.Model) -> Plan:
         sources = _input_indices(layer, producer)
         source = sources[0]
         index = len(steps)
-        if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
+        if isinstance(
+            layer, (keras.layers.Dense, keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+        ):
             steps.append(_unit(layer, steps, source))
         elif isinstance(layer, keras.layers.BatchNormalization):
-            last = _fold_check(layer, steps, source, uses, "BatchNormalization")
-            if last.batch_norm is not None or last.activation != "linear":
-                raise ValueError(
-                    f"BatchNormalization layer {layer.name!r} must directly follow a Dense or "
-                    "Conv2D layer that has no activation of its own (unit -> BN -> activation)."
-                )
             if not layer.scale or not layer.center:
                 raise ValueError(
                     f"BatchNormalization layer {layer.name!r} must have scale=True and center=True."
@@ -547,10 +639,14 @@ def read_plan(model: keras.Model) -> Plan:
                     f"BatchNormalization layer {layer.name!r} normalizes axis {layer.axis}; "
                     "zipping needs per-channel BatchNorm on the last (channel) axis, axis=-1."
                 )
-            steps[source] = dataclasses.replace(
-                last, batch_norm=layer.name, batch_norm_epsilon=float(layer.epsilon)
-            )
-            index = source
+            last = steps[source] if source != MODEL_INPUT else None
+            if _folds_into(last, uses, layer):
+                steps[source] = dataclasses.replace(
+                    last, batch_norm=layer.name, batch_norm_epsilon=float(layer.epsilon)
+                )
+                index = source
+            else:
+                steps.append(_standalone_batch_norm(layer, source))
         elif isinstance(layer, (keras.layers.Activation, keras.layers.ReLU)):
             activation = (
                 activations.canonical(layer.activation, layer.name)
@@ -581,7 +677,8 @@ def read_plan(model: keras.Model) -> Plan:
         else:
             raise ValueError(
                 f"Layer {layer.name!r} of type {kind} is not supported for zipping. "
-                "Supported: Dense, Conv2D (groups=1, no dilation), BatchNormalization, "
+                "Supported: Dense, Conv2D (groups=1, no dilation), DepthwiseConv2D "
+                "(depth_multiplier=1, no dilation), BatchNormalization, "
                 f"Activation, ReLU, {_supported_types()}."
             )
         producer[id(layer.output)] = index
@@ -607,6 +704,11 @@ def _check_plan(model: keras.Model, plan: Plan, producer: dict) -> None:
             f"The output of model {model.name!r} must come from its last Dense or Conv2D "
             f"layer ({units[-1].name!r}) and its activation."
         )
+    if is_channelwise(units[-1]):
+        raise ValueError(
+            f"The output of model {model.name!r} comes from {units[-1].name!r} "
+            f"({units[-1].kind}); the output layer must be a Dense or Conv2D layer."
+        )
     for unit in plan.hidden_units:
         if not activations.is_elementwise(unit.activation):
             raise ValueError(
@@ -631,9 +733,16 @@ def _check_plan(model: keras.Model, plan: Plan, producer: dict) -> None:
 
 def unit_weights(model: keras.Model, unit: Unit) -> tuple:
     """Float64 copies of a unit's (kernel, bias, norm): kernel (..., d, n), bias (n,) (zeros
-    without bias), norm (gamma, beta, moving_mean, moving_variance) or None."""
+    without bias), norm (gamma, beta, moving_mean, moving_variance) or None. A channel-wise
+    unit's kernel is (kh, kw, 1, n), one input row per neuron (its own channel); a
+    standalone BatchNorm's is ones (1, 1, 1, n)."""
     layer = model.get_layer(unit.name)
-    kernel = np.array(layer.kernel.numpy(), dtype=np.float64)
+    if unit.kind == "BatchNormalization":  # a 1×1 depthwise convolution of ones, then BN
+        kernel = np.ones((1, 1, 1, unit.units))
+    else:
+        kernel = np.array(layer.kernel.numpy(), dtype=np.float64)
+    if unit.kind == "DepthwiseConv2D":  # (kh, kw, C, 1) -> (kh, kw, 1, C): one row a neuron
+        kernel = np.swapaxes(kernel, -1, -2)
     bias = np.array(layer.bias.numpy(), np.float64) if unit.use_bias else np.zeros(unit.units)
     norm = None
     if unit.batch_norm:
@@ -712,8 +821,14 @@ def describe(model: keras.Model, print_fn=print) -> bool:
             first = plan.unit_sources(step.inputs[0])
             if first:
                 coupling.setdefault(stream_of.get(first[0][0]), []).append(step.name)
+        if isinstance(step, Unit) and is_channelwise(step):
+            own = next(i for i, u in enumerate(units) if u is step)
+            coupling.setdefault(stream_of.get(own), []).append(f"{step.name} (channel-wise)")
     if stream_of:
-        print_fn("Residual streams (their units share one neuron order; one matching each):")
+        print_fn(
+            "Coupled streams (their units share one neuron order, one matching each: channels "
+            "summed by an Add, or read one to one by a depthwise conv or BatchNorm):"
+        )
     for number in sorted(set(stream_of.values())):
         members = [units[u].name for u, s in stream_of.items() if s == number]
         print_fn(

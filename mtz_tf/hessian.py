@@ -13,6 +13,7 @@ O(d²) whatever N is. Accumulation runs under ``tf.distribute.get_strategy()``: 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -24,8 +25,26 @@ def augment(x: tf.Tensor) -> tf.Tensor:
     return tf.concat([x, tf.ones([tf.shape(x)[0], 1], x.dtype)], axis=1)
 
 
-def outer_sum(x: tf.Tensor, append_bias: bool) -> tuple[tf.Tensor, tf.Tensor]:
-    """Σ_n x̃_n x̃_nᵀ (float64, (d, d) or (d+1, d+1)) and the row count n of a batch (n, d)."""
+@dataclasses.dataclass(frozen=True)
+class PerChannel:
+    """Layer-input rows (n, d, C) that make C Hessians, one per channel c of rows[:, :, c]
+    (:func:`outer_sum`): e.g. each channel's kh·kw patches for a depthwise convolution."""
+
+    rows: tf.Tensor
+
+
+def outer_sum(x, append_bias: bool) -> tuple[tf.Tensor, tf.Tensor]:
+    """Σ_n x̃_n x̃_nᵀ (float64, (d, d) or (d+1, d+1)) and the row count n of a batch (n, d)
+    (or (n, ...), flattened per row).
+
+    :class:`PerChannel` rows (n, d, C) give C Hessians, one per channel: (C, d, d) (or
+    (C, d+1, d+1)).
+    """
+    if isinstance(x, PerChannel):
+        x = tf.cast(x.rows, tf.float64)
+        if append_bias:
+            x = tf.concat([x, tf.ones_like(x[:, :1])], axis=1)
+        return tf.einsum("npc,nqc->cpq", x, x), tf.cast(tf.shape(x)[0], tf.float64)
     x = tf.cast(tf.reshape(x, [tf.shape(x)[0], -1]), tf.float64)  # (n, d)
     if append_bias:
         x = augment(x)

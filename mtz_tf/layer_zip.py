@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import cost, hessian
+from mtz_tf import cost, graph, hessian
 from mtz_tf.stack import LayerState
 
 HESSIAN_MODES = ("channel", "patch")
@@ -47,12 +47,28 @@ def patches(x: tf.Tensor, state: LayerState) -> tf.Tensor:
 
 def hessian_rows(x: tf.Tensor, state: LayerState, mode: str) -> tf.Tensor:
     """The rows whose mean outer product is the Hessian of a layer input x (channels-last,
-    already cut to the input channels the Hessian covers)."""
+    already cut to the input channels the Hessian covers, :func:`hessian_width`).
+
+    A channel-wise unit (:func:`mtz_tf.graph.is_channelwise`) gets one Hessian per channel,
+    of that channel's kh·kw patch: :class:`mtz_tf.hessian.PerChannel` rows
+    (n·H_out·W_out, kh·kw, C), C Hessians.
+    """
+    if graph.is_channelwise(state):
+        positions = int(np.prod(state.kernel_prefix)) * state.kernels[0].shape[-2]
+        rows = patches(x, state)  # positions 0 for no weights (a BatchNorm kept per task)
+        rows = tf.reshape(rows, [tf.shape(rows)[0], -1, x.shape[-1]])[:, :positions]
+        return hessian.PerChannel(rows)
     if state.kind == "Dense":
         return x
     if mode == "patch":
         return patches(x, state)
     return tf.reshape(x, [tf.reduce_prod(tf.shape(x)[:-1]), x.shape[-1]])  # a row per pixel
+
+
+def hessian_width(state: LayerState) -> int | None:
+    """Input channels a layer's Hessian covers: its shared inputs, or every channel (None)
+    for a channel-wise unit, whose Hessians are per channel."""
+    return None if graph.is_channelwise(state) else state.input_shared_units
 
 
 def layers_hessians(
@@ -82,12 +98,12 @@ def layers_hessians(
         for (start, count, listed), state in zip(spans, states):
             if listed:  # one tensor per task: task t's, picked by the traced index
                 branches = [
-                    functools.partial(lambda x, k: x[..., :k], x, state.input_shared_units)
+                    functools.partial(lambda x, k: x[..., :k], x, hessian_width(state))
                     for x in flat[start : start + count]
                 ]
                 x = tf.switch_case(t, branches)  # computes task t's slice only
             else:  # one tensor common to all tasks
-                x = flat[start][..., : state.input_shared_units]
+                x = flat[start][..., : hessian_width(state)]
             rows.append(hessian_rows(x, state, mode))
         return rows
 
@@ -135,8 +151,19 @@ def pair_costs(w_group, w_t, h_group, h_t, config: dict, rng: np.random.Generato
     if config["criterion"] == "random":
         return rng.random((w_group.shape[-1], w_t.shape[-1]))
     if config["criterion"] == "euclidean":
-        h_group = h_t = np.eye(h_group.shape[0])
+        identity = [np.broadcast_to(np.eye(np.shape(h)[-1]), np.shape(h)) for h in (h_group, h_t)]
+        h_group, h_t = identity
     return cost.merge_costs(w_group, w_t, h_group, h_t, config["damping"]).numpy()
+
+
+def neurons(hessian, index):
+    """The Hessians of neurons ``index`` (a slice or indices): a layer's Hessian is every
+    neuron's, per-neuron Hessians (n, d, d) are picked (:func:`mtz_tf.cost.is_per_neuron`)."""
+    if not cost.is_per_neuron(hessian):
+        return hessian
+    if isinstance(index, slice):
+        return hessian[index]
+    return tf.gather(hessian, index) if tf.is_tensor(hessian) else hessian[index]
 
 
 def saving_per_pair(state: LayerState, num_tasks: int) -> int:

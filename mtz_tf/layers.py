@@ -166,7 +166,7 @@ class _ZippedLayer(keras.layers.Layer):
                 f"Received {len(per_task)}."
             )
         shared_common = (
-            self._affine(inputs, self.shared_kernel, self.shared_bias)
+            self._shared_part(0, inputs)
             if self.common_input and k > 0 and any(self.sharing)
             else None
         )
@@ -174,24 +174,28 @@ class _ZippedLayer(keras.layers.Layer):
             return self.activation(shared_common)
         return [self._task_output(t, x, shared_common, training) for t, x in enumerate(per_task)]
 
+    def _shared_part(self, t: int, x):
+        """Task t's pre-activation shared neurons from its input x."""
+        k_in = self.input_shared_units
+        terms = []  # skip empty parts: convolutions reject 0 input channels
+        if k_in:
+            terms.append(self._linear(x[..., :k_in], self.shared_kernel))
+        if self.input_units[t] > k_in:
+            terms.append(self._linear(x[..., k_in:], self.cross_kernels[t]))
+        shared = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        return shared if self.shared_bias is None else shared + self.shared_bias
+
+    def _own_part(self, t: int, x):
+        """Task t's pre-activation own neurons from its input x."""
+        return self._affine(x, self.task_kernels[t], self.task_biases[t])
+
     def _task_output(self, t: int, x, shared_common, training):
         """Task t's output from its input x (``shared_common``: shared part, if computed)."""
-        k_in = self.input_shared_units
         pieces = []  # [shared; own], skipping empty parts
         if self.shared_count(t):
-            shared = shared_common
-            if shared is None:  # skip empty parts: convolutions reject 0 input channels
-                terms = []
-                if k_in:
-                    terms.append(self._linear(x[..., :k_in], self.shared_kernel))
-                if self.input_units[t] > k_in:
-                    terms.append(self._linear(x[..., k_in:], self.cross_kernels[t]))
-                shared = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-                if self.shared_bias is not None:
-                    shared = shared + self.shared_bias
-            pieces.append(shared)
+            pieces.append(self._shared_part(t, x) if shared_common is None else shared_common)
         if self.units[t] > self.shared_count(t):
-            pieces.append(self._affine(x, self.task_kernels[t], self.task_biases[t]))
+            pieces.append(self._own_part(t, x))
         pre = pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=-1)
         if self.norms:
             pre = self.norms[t](pre, training=training)
@@ -239,12 +243,23 @@ class _ZippedLayer(keras.layers.Layer):
     def _plain_layer(self, units: int) -> keras.layers.Layer:
         raise NotImplementedError
 
+    def _plain_kernel(self, kernel):
+        """A task's kernel (:meth:`task_weights`) in the plain layer's layout."""
+        return kernel
+
+    def _plain_input_channels(self, t: int, kernel) -> int:
+        """Input channels of task ``t``'s plain layer."""
+        return kernel.shape[-2]
+
     def task_layers(self, task: str) -> list[keras.layers.Layer]:
         """Built plain Keras layers computing only task ``task``'s output, in call order."""
         t = self.task_names.index(task)
         kernel, bias = self.task_weights(task)
         layer = self._plain_layer(self.units[t])
-        layer.build((None,) * (len(self.kernel_prefix) + 1) + (kernel.shape[-2],))
+        layer.build(
+            (None,) * (len(self.kernel_prefix) + 1) + (self._plain_input_channels(t, kernel),)
+        )
+        kernel = self._plain_kernel(kernel)
         layer.set_weights([kernel] if bias is None else [kernel, bias])
         if not self.norms:
             return [layer]
@@ -387,6 +402,122 @@ class ZippedConv2D(_ZippedLayer):
         config = super().get_config()
         config.update(kernel_size=self.kernel_size, strides=self.strides, padding=self.padding)
         return config
+
+
+@keras.saving.register_keras_serializable(package="mtz_tf")
+class ZippedDepthwiseConv2D(ZippedConv2D):
+    """A depthwise convolution of T tasks whose first ``shared_units`` channels are shared.
+
+    Channel c of the output reads only channel c of the input, so a task's input is laid
+    out like its output, [shared channels (k); its own (n_t − k)], and
+
+        shared_t   = dw(x_t[..., :k], W_s) + b_s,   specific_t = dw(x_t[..., k:], W_t) + b_t
+        output_t   = act(BN_t(concat(shared_t, specific_t)))      (BN_t only with BN)
+
+    with dw the depthwise convolution. Kernels are (kh, kw, 1, n): one input row per
+    channel (its own), so the layer has no cross-weights, and a channel's weights are its
+    kh·kw patch (plus bias), merged from per-channel Hessians (DESIGN.md, "Depthwise
+    convolutions"). A standalone BatchNorm zips as this layer with a 1×1 kernel.
+
+    Args:
+        units: list of int, n_t, each task's channels (its input's too).
+        Other arguments as :class:`ZippedConv2D`; ``input_units`` and
+        ``input_shared_units`` are implied (one row per channel) and not taken.
+    """
+
+    rows_per_channel = 1
+    """Kernel rows (axis −2) per channel: its own input channel."""
+
+    def __init__(self, task_names, units, shared_units, common_input, **kwargs):
+        kwargs.pop("input_units", None)
+        kwargs.pop("input_shared_units", None)
+        super().__init__(
+            task_names,
+            units,
+            shared_units,
+            input_units=[self.rows_per_channel] * len(task_names),
+            input_shared_units=self.rows_per_channel,
+            common_input=common_input,
+            **kwargs,
+        )
+
+    def _linear(self, x, kernel):
+        return ops.depthwise_conv(
+            x, ops.swapaxes(kernel, -1, -2), strides=self.strides, padding=self.padding
+        )
+
+    def _shared_part(self, t: int, x):
+        return self._affine(x[..., : self.shared_units], self.shared_kernel, self.shared_bias)
+
+    def _own_part(self, t: int, x):
+        own = x[..., self.shared_count(t) :]
+        return self._affine(own, self.task_kernels[t], self.task_biases[t])
+
+    def _plain_layer(self, units):
+        return keras.layers.DepthwiseConv2D(
+            self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            use_bias=self.use_bias,
+            name=self.name,
+            activation=None if self.norms else self.activation,
+        )
+
+    def _plain_kernel(self, kernel):
+        return ops.swapaxes(kernel, -1, -2)
+
+    def _plain_input_channels(self, t: int, kernel) -> int:
+        return self.units[t]
+
+    def get_config(self):
+        config = super().get_config()
+        del config["input_units"], config["input_shared_units"]
+        return config
+
+
+@keras.saving.register_keras_serializable(package="mtz_tf")
+class ZippedBatchNormalization(ZippedDepthwiseConv2D):
+    """Each task's own BatchNorm (and activation) of zipped channels: output_t =
+    act(BN_t(x_t)), x_t laid out [shared channels (k); the task's own].
+
+    A standalone BatchNorm (one that does not follow a Dense/Conv2D layer, e.g. a
+    pre-activation BatchNorm after an ``Add``) kept per task (``batch_norm="task"``). It
+    has no weights of its own: its kernels are empty (1, 1, 0, n), so it costs nothing to
+    share and its channels follow their coupled group's order. With
+    ``batch_norm="fold"`` such a BatchNorm becomes its affine map instead, a 1×1
+    :class:`ZippedDepthwiseConv2D` with bias.
+
+    Args:
+        batch_norm: dict, the ``BatchNormalization`` arguments (epsilon, momentum).
+        Other arguments as :class:`ZippedDepthwiseConv2D`, without the convolution's.
+    """
+
+    rows_per_channel = 0
+
+    def __init__(self, task_names, units, shared_units, common_input, **kwargs):
+        for key in ("kernel_size", "strides", "padding", "use_bias"):
+            kwargs.pop(key, None)
+        if not kwargs.get("batch_norm"):
+            raise ValueError("ZippedBatchNormalization needs `batch_norm` arguments.")
+        super().__init__(
+            task_names,
+            units,
+            shared_units,
+            common_input,
+            kernel_size=(1, 1),
+            use_bias=False,
+            **kwargs,
+        )
+
+    def _linear(self, x, kernel):
+        return x  # no weights: the channels go to the BatchNorm as they are
+
+    def task_layers(self, task: str) -> list[keras.layers.Layer]:
+        t = self.task_names.index(task)
+        norm = keras.layers.BatchNormalization(**self.batch_norm, name=self.name)
+        norm.build((None, None, None, self.units[t]))
+        norm.set_weights(self.norms[t].get_weights())
+        return [norm, keras.layers.Activation(self.activation, name=f"{self.name}_act")]
 
 
 @keras.saving.register_keras_serializable(package="mtz_tf")

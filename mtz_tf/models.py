@@ -219,7 +219,8 @@ def resnet20(
 def permute_hidden(model: keras.Model, seed: int) -> keras.Model:
     """Returns a new model computing the same function with hidden units randomly permuted.
 
-    Every hidden unit's neurons (Dense units or Conv2D filters) are reordered by a seeded
+    Every hidden unit's neurons (Dense units, Conv2D filters, the channels of a depthwise
+    convolution or standalone BatchNorm with those of its input) are reordered by a seeded
     random permutation p: kernel columns, bias and BatchNorm parameters move to index p,
     and the kernel input rows of every unit reading them (channels; each channel's block of
     rows after a Flatten) follow, so outputs are unchanged up to float rounding. Units whose
@@ -237,7 +238,10 @@ def permute_hidden(model: keras.Model, seed: int) -> keras.Model:
         order = rng.permutation(units[members[0]].units)
         for u in members:
             layer = permuted.get_layer(units[u].name)
-            layer.kernel.assign(layer.kernel.numpy()[..., order])
+            if units[u].kind == "DepthwiseConv2D":  # kernel (kh, kw, C, 1)
+                layer.kernel.assign(layer.kernel.numpy()[..., order, :])
+            elif units[u].kind != "BatchNormalization":  # a standalone BN has no kernel
+                layer.kernel.assign(layer.kernel.numpy()[..., order])
             if units[u].use_bias:
                 layer.bias.assign(layer.bias.numpy()[order])
             if units[u].batch_norm:

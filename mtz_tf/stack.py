@@ -21,7 +21,12 @@ import numpy as np
 import tensorflow as tf
 
 from mtz_tf import graph, layers
-from mtz_tf.layers import ChannelMajorFlatten, ZippedConv2D, ZippedDense, _ZippedLayer
+from mtz_tf.layers import (
+    ChannelMajorFlatten,
+    ZippedConv2D,
+    ZippedDense,
+    _ZippedLayer,
+)
 
 BATCH_NORM_MODES = ("task", "fold")
 
@@ -138,11 +143,14 @@ def separate_states(plans: dict, models: dict, batch_norm: str = "task") -> list
                 kernel, bias = fold_batch_norm(kernel, bias, norm, eps)
             elif norm is not None:
                 norms.append(norm)
+                if unit.kind == "BatchNormalization":  # no weights besides the BatchNorm
+                    kernel = kernel[..., :0, :]
             kernels.append(kernel)
             biases.append(bias)
         folded = unit.batch_norm is not None and batch_norm == "fold"
         common = first.reads_model_input(index)
-        k_in = kernels[0].shape[-2] if common else 0
+        # A channel-wise unit's one input row per neuron is its own channel: aligned.
+        k_in = kernels[0].shape[-2] if common or graph.is_channelwise(unit) else 0
         prefix = kernels[0].shape[:-2]
         states.append(
             LayerState(
@@ -182,10 +190,17 @@ def _layer(state: LayerState, task_names: list[str]) -> _ZippedLayer:
         sharing=state.sharing,
         name=state.name,
     )
-    if state.kind == "Conv2D":
-        kernel_size, strides, padding = state.conv
-        return ZippedConv2D(kernel_size=kernel_size, strides=strides, padding=padding, **args)
-    return ZippedDense(**args)
+    if state.kind == "Dense":
+        return ZippedDense(**args)
+    kernel_size, strides, padding = state.conv
+    zipped_class = getattr(layers, "Zipped" + zipped_kind(state.kind, not state.batch_norm))
+    return zipped_class(kernel_size=kernel_size, strides=strides, padding=padding, **args)
+
+
+def zipped_kind(kind: str, folded: bool) -> str:
+    """The kind of zipped layer (``Zipped<kind>``) that holds a unit of ``kind``: its own,
+    but a standalone BatchNorm folded into its affine map is a 1×1 depthwise convolution."""
+    return "DepthwiseConv2D" if kind == "BatchNormalization" and folded else kind
 
 
 def set_layer_weights(layer: _ZippedLayer, state: LayerState) -> None:
@@ -202,8 +217,9 @@ def set_layer_weights(layer: _ZippedLayer, state: LayerState) -> None:
         variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
-def read_layer_state(layer: _ZippedLayer, input_group: int = 1) -> LayerState:
-    """The :class:`LayerState` of a built zipped layer (float64 copies)."""
+def read_layer_state(layer: _ZippedLayer, input_group: int = 1, kind=None) -> LayerState:
+    """The :class:`LayerState` of a built zipped layer (float64 copies); ``kind`` is the
+    unit's (default: the layer's, e.g. ``"Conv2D"`` for a ``ZippedConv2D``)."""
 
     def arr(v):
         return np.array(v.numpy(), dtype=np.float64)
@@ -216,7 +232,7 @@ def read_layer_state(layer: _ZippedLayer, input_group: int = 1) -> LayerState:
     )
     return LayerState(
         name=layer.name,
-        kind="Conv2D" if conv else "Dense",
+        kind=kind or type(layer).__name__.removeprefix("Zipped"),
         conv=conv,
         activation=layer.activation_name,
         use_bias=layer.use_bias,
@@ -325,6 +341,8 @@ def _unit_function(unit: graph.Unit, folded: bool) -> tuple:
             continue
         if folded and key == "use_bias":
             value = value or unit.batch_norm is not None
+        if key == "layer type":
+            value = zipped_kind(value, folded)
         properties.append((key, value))
     return tuple(properties)
 
@@ -443,7 +461,7 @@ def zipped_layers(model: keras.Model) -> list[_ZippedLayer]:
 def read_states(model: keras.Model, plan: graph.Plan) -> list[LayerState]:
     """The :class:`LayerState` of every zipped layer of a model built from ``plan``."""
     return [
-        read_layer_state(layer, unit.input_group)
+        read_layer_state(layer, unit.input_group, unit.kind)
         for layer, unit in zip(zipped_layers(model), plan.units)
     ]
 

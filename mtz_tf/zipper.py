@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import allocation, checkpoint, cost, driver, graph, stack
+from mtz_tf import allocation, checkpoint, cost, driver, graph, layers, stack
 from mtz_tf import matching as matching_lib
 from mtz_tf.layer_zip import CRITERIA, HESSIAN_MODES, MERGES
 from mtz_tf.report import ZipReport
@@ -417,7 +417,7 @@ def add_task(
         )
     zipped_layers = stack.zipped_layers(zipped)
     if len(zipped_layers) != len(plan.units) or any(
-        (layer.__class__.__name__ != "Zipped" + unit.kind)
+        not isinstance(layer, getattr(layers, "Zipped" + stack.zipped_kind(unit.kind, True)))
         for layer, unit in zip(zipped_layers, plan.units)
     ):
         raise ValueError(

@@ -156,7 +156,7 @@ def test_unsupported_layers_and_architecture_mismatch_are_named(lenet5_models, s
     x = keras.layers.Flatten()(keras.layers.Conv2D(4, 3)(x))
     odd = keras.Model(inputs, keras.layers.Dense(10)(x))
     calib = {"a": small[2], "b": small[2]}
-    with pytest.raises(ValueError, match="'depthwise' of type DepthwiseConv2D"):
+    with pytest.raises(ValueError, match="DepthwiseConv2D layer 'depthwise' reads the model"):
         mtz_tf.zip_models({"a": lenet5_models[0], "b": odd}, calib)
     with pytest.raises(ValueError, match=r"Model 'b' differs from model 'a' in depth: 4 vs 7"):
         mtz_tf.zip_models({"a": lenet5_models[0], "b": models.lenet_300_100()}, calib)

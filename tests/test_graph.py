@@ -34,12 +34,13 @@ def test_unsupported_layers_are_named():
     model = keras.Sequential(
         [
             keras.Input((8, 8, 1)),
-            keras.layers.DepthwiseConv2D(3, name="myconv"),
+            keras.layers.Conv2D(4, 3),
+            keras.layers.SeparableConv2D(4, 3, name="myconv"),
             keras.layers.Flatten(),
             keras.layers.Dense(2),
         ]
     )
-    with pytest.raises(ValueError, match="'myconv' of type DepthwiseConv2D is not supported"):
+    with pytest.raises(ValueError, match="'myconv' of type SeparableConv2D is not supported"):
         graph.read_plan(model)
     model = keras.Sequential(
         [
@@ -179,4 +180,6 @@ def test_describe_says_why_a_model_is_refused():
     )
     lines = []
     assert not graph.describe(model, print_fn=lines.append)
-    assert lines[0].startswith(f"Model {model.name!r} cannot be zipped: Layer 'dw' of type")
+    assert lines[0].startswith(
+        f"Model {model.name!r} cannot be zipped: DepthwiseConv2D layer 'dw' reads the model input"
+    )

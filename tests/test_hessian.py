@@ -83,3 +83,14 @@ def test_passes_of_one_batch_do_not_look_like_retracing():
     finally:
         tf.get_logger().removeHandler(handler)
     assert not [m for m in messages if "retracing" in m]
+
+
+def test_per_channel_hessians_are_each_channels_own():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(30, 4, 3)).astype(np.float32)  # rows (n, d, C)
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(8)
+    h, n = hessian.input_hessian(lambda b: hessian.PerChannel(b), dataset, append_bias=True)
+    assert h.shape == (3, 5, 5) and n == 30
+    for c in range(3):
+        x_tilde = np.hstack([x[:, :, c].astype(np.float64), np.ones((30, 1))])
+        np.testing.assert_allclose(h[c].numpy(), x_tilde.T @ x_tilde / 30, rtol=1e-6)
