@@ -29,9 +29,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum(
     "experiment",
     "lenet300",
-    ["lenet300", "lenet5", "zip_merge", "resnet20_split", "resnet20_three"],
+    ["lenet300", "lenet5", "zip_merge", "resnet20_split", "resnet20_three", "mobilenet_v2_split"],
     "Which table to regenerate.",
 )
+# The residual_* flags below apply to the different-task experiments (resnet20_split,
+# resnet20_three, mobilenet_v2_split); their help says "residual:".
 flags.DEFINE_string("results_dir", "results", "Where the JSON and Markdown tables go.")
 flags.DEFINE_string("data_dir", None, "Directory of Fashion-MNIST IDX files.")
 flags.DEFINE_string(
@@ -51,33 +53,50 @@ flags.DEFINE_float(
 flags.DEFINE_integer("retrain_batch_size", 128, "Samples per task per retraining iteration.")
 flags.DEFINE_float("retrain_learning_rate", 3e-4, "Adam learning rate of the retraining.")
 flags.DEFINE_integer(
-    "residual_train_size", 8000, "resnet20_*: training samples per task (seeded subset)."
+    "residual_train_size",
+    8000,
+    "residual: training samples per task (seeded subset).",
 )
-flags.DEFINE_integer("residual_max_epochs", 2, "resnet20_*: epoch limit when training.")
-flags.DEFINE_integer("residual_calibration_size", 256, "resnet20_*: calibration samples per task.")
+flags.DEFINE_integer("residual_max_epochs", 2, "residual: epoch limit when training.")
 flags.DEFINE_integer(
-    "residual_retrain_steps", 14, "resnet20_*: joint retraining iterations per retraining."
+    "residual_calibration_size",
+    256,
+    "residual: calibration samples per task.",
+)
+flags.DEFINE_integer(
+    "residual_retrain_steps",
+    14,
+    "residual: joint retraining iterations per retraining.",
 )
 flags.DEFINE_integer(
     "residual_retrain_every",
     7,
-    "resnet20_*: retrain after every this many zipped hidden layers (and after the last).",
+    "residual: retrain after every this many zipped hidden layers (and after the last).",
 )
-flags.DEFINE_integer("residual_batch_size", 64, "resnet20_*: retraining samples per task per step.")
+flags.DEFINE_integer(
+    "residual_batch_size",
+    64,
+    "residual: retraining samples per task per step.",
+)
 flags.DEFINE_list(
     "residual_parameter_targets",
     None,
-    "resnet20_*: target fractions of the parameters to share; each hidden layer shares the "
+    "residual: target fractions of the parameters to share; each hidden layer shares the "
     "square root of the target of its neurons (default: 0.25,0.5,0.75,1.0 for resnet20_split, "
     "1.0 for resnet20_three).",
 )
 flags.DEFINE_integer(
     "residual_budget_steps",
     None,
-    "resnet20_*: allocate the shared counts with ShareBudget(parameters=target) and this many "
+    "residual: allocate the shared counts with ShareBudget(parameters=target) and this many "
     "bisection steps instead of √target of every layer (results get a _budget suffix).",
 )
-flags.DEFINE_enum("residual_hessian", "channel", ["channel", "patch"], "resnet20_*: conv Hessian.")
+flags.DEFINE_enum(
+    "residual_hessian",
+    "channel",
+    ["channel", "patch"],
+    "residual: conv Hessian.",
+)
 
 VARIANTS = (
     ("(a) random pairing + average", dict(criterion="random", merge="average")),
@@ -325,16 +344,21 @@ def markdown(record: dict, title: str) -> str:
 
 
 def residual_experiment() -> None:
-    """resnet20_split (two label halves, width x2, five shared fractions) or resnet20_three
-    (three label groups, width x1, full sharing); writes JSON, Markdown, PNG."""
-    split = FLAGS.experiment == "resnet20_split"
+    """resnet20_split (two label halves, width x2, five shared fractions), resnet20_three
+    (three label groups, width x1, full sharing) or mobilenet_v2_split (two label halves,
+    MobileNetV2 alpha 0.35 at 32×32×3, exported and measured); writes JSON, Markdown, PNG."""
+    split = FLAGS.experiment != "resnet20_three"
+    mobile = FLAGS.experiment == "mobilenet_v2_split"
     groups = rx.SPLIT_GROUPS if split else rx.THREE_GROUPS
+    default_targets = (0.25, 0.5, 1.0) if mobile else (0.25, 0.5, 0.75, 1.0) if split else (1.0,)
     record = rx.different_task_experiment(
         groups,
-        width=2.0 if split else 1.0,
+        width=0.35 if mobile else 2.0 if split else 1.0,
+        architecture="mobilenet_v2" if mobile else "resnet20",
+        deploy_dir=os.path.join(FLAGS.model_dir, "mobilenet_v2_deploy") if mobile else None,
         parameter_targets=[float(f) for f in FLAGS.residual_parameter_targets]
         if FLAGS.residual_parameter_targets
-        else ((0.25, 0.5, 0.75, 1.0) if split else (1.0,)),
+        else default_targets,
         model_dir=FLAGS.model_dir,
         data_dir=FLAGS.data_dir,
         train_size=FLAGS.residual_train_size,
@@ -352,7 +376,10 @@ def residual_experiment() -> None:
     suffix = "_budget" if FLAGS.residual_budget_steps is not None else ""
     stem = os.path.join(FLAGS.results_dir, f"{FLAGS.experiment}{suffix}_fashion_mnist")
     title = (
-        "MTZ different tasks: two ResNet-20 on the two halves of Fashion-MNIST's labels"
+        "MTZ different tasks: two MobileNetV2 (alpha 0.35) on the two halves of Fashion-MNIST's "
+        "labels, exported to TFLite"
+        if mobile
+        else "MTZ different tasks: two ResNet-20 on the two halves of Fashion-MNIST's labels"
         if split
         else "MTZ different tasks: three ResNet-20 on three label groups, zipped into one"
     )
@@ -365,7 +392,7 @@ def residual_experiment() -> None:
 
 def main(argv):
     del argv
-    if FLAGS.experiment.startswith("resnet20"):
+    if FLAGS.experiment.startswith(("resnet20", "mobilenet_v2")):
         residual_experiment()
         return
     if FLAGS.experiment == "zip_merge":

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 import mtz_tf
-from mtz_tf import cli, data, io_utils, models, stack, training
+from mtz_tf import cli, data, deploy_report, io_utils, models, stack, training
 from mtz_tf.compress import flops
 
 
@@ -72,6 +72,50 @@ def task_splits(groups, data_dir=None) -> dict:
     return {group_name(g): data.load_task("fashion_mnist", g, data_dir=data_dir) for g in groups}
 
 
+ARCHITECTURES = {
+    "resnet20": "ResNet-20 (width x{width:g}, BatchNorm, projection shortcuts)",
+    "mobilenet_v2": (
+        "keras.applications.MobileNetV2 (alpha {width:g}, weights=None, BatchNorm momentum "
+        "0.9, on the images bilinearly upsampled to 32×32×3)"
+    ),
+}
+"""The architectures of the different-task experiments, as the tables describe them."""
+
+
+def _builder(architecture: str, num_classes: int, width: float, bn_momentum: float):
+    """A seeded builder of one classifier (logits) of ``architecture``."""
+    if architecture == "resnet20":
+        return lambda s: models.resnet20(
+            (28, 28, 1), num_classes, width, seed=s, bn_momentum=bn_momentum
+        )
+
+    def mobilenet_v2(s):
+        keras.utils.set_random_seed(s)
+        model = keras.applications.MobileNetV2(
+            input_shape=(32, 32, 3),
+            alpha=width,
+            weights=None,
+            classes=num_classes,
+            classifier_activation=None,
+        )
+        for layer in model.layers:  # Keras' 0.999 lags far behind a short training
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = bn_momentum
+        return model
+
+    return mobilenet_v2
+
+
+def _inputs_for(architecture: str, splits: dict) -> dict:
+    """The splits in the architecture's input format (MobileNet: 32×32×3)."""
+    if architecture == "resnet20":
+        return splits
+    return {
+        task: {name: (data.upsampled_rgb(x), y) for name, (x, y) in task_splits.items()}
+        for task, task_splits in splits.items()
+    }
+
+
 def different_task_experiment(
     groups,
     width: float,
@@ -88,6 +132,8 @@ def different_task_experiment(
     hessian: str,
     bn_momentum: float = 0.9,
     budget_steps: int | None = None,
+    architecture: str = "resnet20",
+    deploy_dir: str | None = None,
 ) -> dict:
     """Zips one ResNet-20 per label group at each target shared-parameter fraction; returns
     the JSON record.
@@ -108,18 +154,18 @@ def different_task_experiment(
     With ``budget_steps`` the counts come from ``mtz_tf.ShareBudget(parameters=p)``
     instead (cheapest pairs per saved parameter across streams, that many bisection steps),
     allocated once without retraining and reused for the retrained zip.
+
+    ``architecture`` is a key of :data:`ARCHITECTURES` (``width`` its width multiplier or
+    alpha). With ``deploy_dir`` every retrained zip is also exported (``.keras``,
+    SavedModel, TFLite, parity checked on test images) and measured against the separate
+    models (:func:`mtz_tf.deploy_report.size_speed_report`).
     """
-    splits = task_splits(groups, data_dir)
+    splits = _inputs_for(architecture, task_splits(groups, data_dir))
     tasks = list(splits)
     originals, iterations = {}, {}
     for seed, (task, classes) in enumerate(zip(tasks, groups), start=1):
-        path = os.path.join(model_dir, f"resnet20_w{width:g}_{task}_seed{seed}.keras")
-
-        num_classes = len(classes)
-
-        def build(s, n=num_classes):
-            return models.resnet20((28, 28, 1), n, width, seed=s, bn_momentum=bn_momentum)
-
+        path = os.path.join(model_dir, f"{architecture}_w{width:g}_{task}_seed{seed}.keras")
+        build = _builder(architecture, len(classes), width, bn_momentum)
         model, iterations[task] = cached_classifier(
             path, build, splits[task], max_epochs, 1, seed, train_size
         )
@@ -207,8 +253,13 @@ def different_task_experiment(
                     "seconds": time.time() - began,
                 }
             )
+            if retrained and deploy_dir is not None:
+                rows[-1]["deployment"] = _deployment(
+                    zipped, originals, os.path.join(deploy_dir, f"target{target:g}"), splits
+                )
             cli.logger.info("target %.2f retrained=%s: %s", target, retrained, rows[-1])
     return {
+        "architecture": ARCHITECTURES[architecture].format(width=width),
         "groups": [list(g) for g in groups],
         "tasks": tasks,
         "width_multiplier": width,
@@ -219,6 +270,16 @@ def different_task_experiment(
         "allocation": "uniform" if budget_steps is None else f"budget ({budget_steps} steps)",
         "rows": rows,
     }
+
+
+def _deployment(zipped, originals: dict, out_dir: str, splits: dict) -> dict:
+    """Exports ``zipped`` and the separate models, checks parity on 256 test images of the
+    first task and measures sizes and batch-1 latency; returns the report's dict."""
+    x = next(iter(splits.values()))["test"][0][:256]
+    report = deploy_report.size_speed_report(
+        zipped, originals, out_dir, sample_inputs=x, overwrite=True, runs=100, warmup=10
+    )
+    return report.to_dict()
 
 
 def fine_tuned_separately(originals: dict, streams: dict, steps: int, learning_rate: float):
@@ -253,8 +314,8 @@ def markdown(record: dict, title: str, command: str) -> str:
         command,
         "```",
         "",
-        f"Label groups {record['groups']} of Fashion-MNIST (labels remapped), one ResNet-20 "
-        f"(width x{record['width_multiplier']:g}, BatchNorm, projection shortcuts) per group, "
+        f"Label groups {record['groups']} of Fashion-MNIST (labels remapped), one "
+        f"{_architecture(record)} per group, "
         f"trained from scratch for {record['scratch_iterations']} iterations (best "
         "validation epoch), hidden units permuted. Each row targets a fraction p of the "
         + (
@@ -299,7 +360,34 @@ def markdown(record: dict, title: str, command: str) -> str:
             f"{row['parameters']:,} | {100 * row['shared_parameter_fraction']:.1f} % | "
             f"{row['macs'] / 1e6:.1f} M | {row['retrain_iterations']} |"
         )
+    for row in record["rows"]:
+        if "deployment" in row:
+            lines += ["", *_deployment_markdown(row)]
     return "\n".join(lines) + "\n"
+
+
+def _architecture(record: dict) -> str:
+    """The record's architecture description (records before MobileNet: ResNet-20)."""
+    default = ARCHITECTURES["resnet20"].format(width=record["width_multiplier"])
+    return record.get("architecture", default)
+
+
+def _deployment_markdown(row: dict) -> list[str]:
+    """The size/latency table of one exported zip, with its TFLite parity."""
+    report = deploy_report.DeploymentReport(**row["deployment"])
+    title = (
+        f"Deployment of the retrained zip at target {100 * row['target_parameter_fraction']:.0f} %"
+    )
+    parity = report.exports["zipped"]["parity"]
+    worst = {fmt: max(per_task.values()) for fmt, per_task in parity.items()}
+    return [
+        report.to_markdown(title=title).rstrip("\n"),
+        "",
+        "Parity of the zipped exports with the Keras model on 256 test images (max |Δ| of "
+        "the logits over tasks): "
+        + ", ".join(f"{fmt} {value:.2g}" for fmt, value in sorted(worst.items()))
+        + ".",
+    ]
 
 
 def plot(record: dict, path: str) -> None:
@@ -322,7 +410,7 @@ def plot(record: dict, path: str) -> None:
             )
     axis.set_xlabel("parameters shared (%)")
     axis.set_ylabel("test accuracy (%)")
-    axis.set_title("Zipped ResNet-20s on Fashion-MNIST label groups")
+    axis.set_title(f"Zipped {_architecture(record).split(' (')[0]}s on Fashion-MNIST label groups")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()

@@ -179,6 +179,19 @@ def train_validation_split(
     return (x[train], y[train]), (x[val], y[val])
 
 
+def upsampled_rgb(x: np.ndarray, size: int = 32, batch: int = 4096) -> np.ndarray:
+    """Grey images (N, H, W, 1) bilinearly resized to (N, size, size, 3), the grey value in
+    every channel: the input ImageNet-style architectures (MobileNet, EfficientNet) expect.
+    Float32, value range kept; converted ``batch`` images at a time."""
+    if x.ndim != 4 or x.shape[-1] != 1:
+        raise ValueError(f"Expected grey images (N, H, W, 1). Received shape {x.shape}.")
+    parts = [
+        np.repeat(tf.image.resize(x[i : i + batch], (size, size)).numpy(), 3, axis=-1)
+        for i in range(0, len(x), batch)
+    ]
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, size, size, 3))
+
+
 def calibration_subset(x: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     """A deterministic random subset of ``size`` inputs (all of them if ``size >= len(x)``)."""
     if size <= 0:

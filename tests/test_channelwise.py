@@ -235,3 +235,22 @@ def test_zipped_block_exports_with_parity(block, tmp_path):
     reloaded = keras.saving.load_model(os.path.join(out_dir, "model.keras"))
     for task in ("a", "b"):
         assert_close(reloaded(x)[task], expected[task])
+
+
+def test_a_third_task_joins_and_a_checkpointed_zip_resumes(block, tmp_path):
+    model, x, calibration = block
+    expected = model(x)
+    first, second = models.permute_hidden(model, seed=3), models.permute_hidden(model, seed=4)
+    calibrations = {"a": calibration, "b": calibration}
+    zipped, _ = mtz_tf.zip_models({"a": model, "b": first}, calibrations, verbose=0)
+    joined, report = mtz_tf.add_task(
+        zipped, "c", second, {**calibrations, "c": calibration}, verbose=0
+    )
+    for task in ("a", "b", "c"):
+        assert_close(joined(x)[task], expected)
+    assert all(layer.shared == min(layer.widths.values()) for layer in report.layers)
+    options = dict(share=0.5, verbose=0, checkpoint_dir=str(tmp_path / "ckpt"))
+    done, _ = mtz_tf.zip_models({"a": model, "b": first}, calibrations, **options)
+    resumed, _ = mtz_tf.zip_models({"a": model, "b": first}, calibrations, **options)
+    for task in ("a", "b"):
+        assert_close(resumed(x)[task], done(x)[task])
