@@ -172,3 +172,58 @@ def test_families_not_read_yet_are_refused_by_their_first_layer(build, first_ref
     lines = []
     assert not mtz_tf.describe(model, print_fn=lines.append)
     assert first_refused in lines[0]
+
+
+def test_neuron_merging_prunes_mobilenet_v2_through_its_depthwise_convolutions(
+    mobilenet_v2, images
+):
+    """An expansion's pruned channels take their depthwise channels (and BatchNorm) with
+    them; channels that carry nothing are removed exactly. Merging is refused: a depthwise
+    channel has its own kernel."""
+    x, _ = images
+    prunable = nm.prunable_layers(mobilenet_v2)
+    assert "block_3_expand" in prunable and "Conv_1" in prunable
+    assert "block_3_project" not in prunable and "predictions" not in prunable
+    model = keras.models.clone_model(mobilenet_v2)
+    model.set_weights(mobilenet_v2.get_weights())
+    dead = [0, 5, 7]  # zero filters whose depthwise channels output exactly zero
+    expand = model.get_layer("block_3_expand")
+    kernel = expand.kernel.numpy()
+    kernel[..., dead] = 0.0
+    expand.kernel.assign(kernel)
+    for name in ("block_3_expand_BN", "block_3_depthwise_BN"):
+        bn = model.get_layer(name)
+        for variable, value in ((bn.gamma, 0.0), (bn.beta, -1.0)):
+            v = variable.numpy()
+            v[dead] = value
+            variable.assign(v)
+    n = expand.filters
+    pruned, report = nm.compress(model, {"block_3_expand": len(dead) / n}, merge=False)
+    assert pruned.get_layer("block_3_expand").filters == n - len(dead)
+    assert pruned.get_layer("block_3_depthwise").kernel.shape[-2] == n - len(dead)
+    assert report[0].kept == n - len(dead)
+    assert_close(pruned(x), model(x))
+    smaller, _ = nm.compress(mobilenet_v2, 0.5, merge=False)
+    assert smaller.count_params() < 0.75 * mobilenet_v2.count_params()
+    assert np.all(np.isfinite(smaller(x).numpy()))
+    with pytest.raises(ValueError, match="not positively homogeneous|DepthwiseConv2D"):
+        nm.compress(mobilenet_v2, 0.5)
+
+
+def test_ista_removes_dead_channels_of_mobilenet_v2_exactly(mobilenet_v2, images):
+    """Dead channels of the last convolution and of a residual stream (every project conv
+    adding into it) go; the function stays the same."""
+    x, _ = images
+    model = keras.models.clone_model(mobilenet_v2)
+    model.set_weights(mobilenet_v2.get_weights())
+    for name in ("Conv_1_bn", "block_4_project_BN", "block_5_project_BN", "block_3_project_BN"):
+        bn = model.get_layer(name)
+        gamma, beta = bn.gamma.numpy(), bn.beta.numpy()
+        gamma[:4], beta[:4] = 0.0, 0.0
+        bn.gamma.assign(gamma)
+        bn.beta.assign(beta)
+    pruned = ista.remove_zero_channels(model)
+    assert pruned.get_layer("Conv_1").filters == model.get_layer("Conv_1").filters - 4
+    width = model.get_layer("block_5_project").filters
+    assert pruned.get_layer("block_5_project").filters == width - 4
+    assert_close(pruned(x), model(x))

@@ -124,6 +124,9 @@ class _Unit:
     activations: tuple[str, ...]
     # (consumer layer name, number of spatial positions per channel in its input rows).
     consumers: tuple[tuple[str, int], ...]
+    # Depthwise convolutions (and the BatchNorm right after each) on the way: channel c of
+    # each is the pruned layer's channel c, so it goes with it.
+    channelwise: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,6 +385,7 @@ def _trace(
     if own != "linear":
         activations.append(own)
     found: list[tuple[str, int]] = []
+    channelwise: list[str] = []
     # Depth-first over the layers that read the channels: (layer, flattened positions or 0).
     stack = [(layer, 0)]
     while stack:
@@ -402,6 +406,24 @@ def _trace(
                         name, "unsupported", f"{reader.name!r} reads a Flatten but is not Dense"
                     )
                 found.append((reader.name, max(flat, 1)))
+            elif isinstance(reader, keras.layers.DepthwiseConv2D):
+                if reader.depth_multiplier != 1 or reader.data_format != "channels_last":
+                    return _Blocked(
+                        name,
+                        "unsupported",
+                        f"DepthwiseConv2D {reader.name!r} has depth_multiplier="
+                        f"{reader.depth_multiplier} / data_format={reader.data_format!r}",
+                    )
+                channelwise.append(reader.name)
+                stack.append((reader, flat))
+            elif (
+                isinstance(reader, keras.layers.BatchNormalization)
+                and channelwise
+                and current.name == channelwise[-1]
+                and len(readers) == 1
+            ):  # a depthwise convolution's own BatchNorm
+                channelwise.append(reader.name)
+                stack.append((reader, flat))
             elif isinstance(reader, keras.layers.BatchNormalization):
                 axis = reader.axis if isinstance(reader.axis, int) else reader.axis[0]
                 rank = len(reader.input.shape)
@@ -457,6 +479,7 @@ def _trace(
         batch_norm=batch_norm,
         activations=tuple(activations),
         consumers=tuple(found),
+        channelwise=tuple(channelwise),
     )
 
 
@@ -561,6 +584,10 @@ def _bn_params(bn, n: int) -> tuple[np.ndarray, ...]:
     return gamma, beta, _float(bn.moving_mean.numpy()), _float(bn.moving_variance.numpy())
 
 
+def _is_batch_norm(model: keras.Model, name: str) -> bool:
+    return isinstance(model.get_layer(name), keras.layers.BatchNormalization)
+
+
 def _fold_input(kernel: np.ndarray, z: np.ndarray, positions: int) -> np.ndarray:
     """Consumer kernel with its input channels n replaced by Z (k, n): K' = Z K per position.
 
@@ -588,7 +615,10 @@ def compress(
     See the module docstring for the mathematics. Every pruned layer keeps
     ``keep_count(n, ratio)`` neurons chosen by ``criterion``; the layers reading its channels
     (directly, or through BatchNorm, activations, pooling, dropout, padding or a Flatten,
-    where a channel owns one row per spatial position) get Z folded into their kernels. Layers
+    where a channel owns one row per spatial position) get Z folded into their kernels. A
+    depthwise convolution on the way (MobileNet's expand -> depthwise -> project) loses the
+    pruned channels with its BatchNorm, and the layer after it is the consumer (prune only:
+    ``merge=False``). Layers
     whose channels meet others in a residual ``Add``/``Concatenate`` and output layers are not
     pruned by a global ratio (:func:`prunable_layers` lists the candidates).
 
@@ -640,6 +670,14 @@ def compress(
                     f"neuron into a kept one would not be exact. Merging supports "
                     f"{sorted(HOMOGENEOUS_ACTIVATIONS)}; use merge=False to prune only."
                 )
+            depthwise = [c for c in unit.channelwise if not _is_batch_norm(model, c)]
+            if depthwise:
+                raise ValueError(
+                    f"Cannot merge neurons of layer {name!r}: its channels pass through "
+                    f"DepthwiseConv2D {depthwise[0]!r}, which filters each channel with its own "
+                    "kernel, so a pruned channel is not a multiple of a kept one after it. Use "
+                    "merge=False to prune such layers (the depthwise channels go with them)."
+                )
         layer = model.get_layer(name)
         bn = model.get_layer(unit.batch_norm) if unit.batch_norm else None
         vectors, bias = _vectors(layer, bn)
@@ -678,6 +716,12 @@ def compress(
             own[1] = own[1][keep]
         if unit.batch_norm:
             weights[unit.batch_norm] = [w[keep] for w in current(unit.batch_norm)]
+        for channel_layer in unit.channelwise:
+            if _is_batch_norm(model, channel_layer):
+                weights[channel_layer] = [w[keep] for w in current(channel_layer)]
+            else:  # depthwise kernel (kh, kw, C, 1), bias (C,)
+                arrays = current(channel_layer)
+                weights[channel_layer] = [arrays[0][..., keep, :]] + [b[keep] for b in arrays[1:]]
         for consumer, positions in unit.consumers:
             kernel_and_bias = current(consumer)
             kernel_and_bias[0] = _fold_input(kernel_and_bias[0], z, positions)
