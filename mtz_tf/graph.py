@@ -27,9 +27,10 @@ from mtz_tf import activations, layer_types
 ELEMENTWISE_ACTIVATIONS = activations.ELEMENTWISE
 """Activations that act on each unit alone, so units can be permuted and merged freely."""
 
-_MERGE_TYPES = ("Add", "Subtract", "Average", "Maximum", "Minimum", "Concatenate")
+_MERGE_TYPES = ("Add", "Subtract", "Average", "Maximum", "Minimum", "Multiply", "Concatenate")
 """Coupling layers (:mod:`mtz_tf.layer_types`) the plan represents: the sum-like ones tie
-channel c of every input together, ``Concatenate`` puts its inputs side by side."""
+channel c of every input together (``Multiply`` also a squeeze-excite gate (B, 1, 1, C)
+broadcast over a feature map), ``Concatenate`` puts its inputs side by side."""
 
 
 def _pass_through_type(layer) -> layer_types.LayerType | None:
@@ -491,9 +492,32 @@ def _relu_layer_activation(layer) -> str:
     )
 
 
+def _input_normalization(layer, steps: list, source: int) -> PassThrough:
+    """The :class:`PassThrough` of a ``Normalization`` of the model input (its statistics
+    in the config, so that the zipped model rebuilds it without adapting)."""
+    if _segments(steps, source):
+        raise ValueError(
+            f"Normalization layer {layer.name!r} normalizes the outputs of zippable layers; "
+            "its per-channel statistics would have to follow their neuron order. Zipping "
+            "takes a Normalization only on the model input (use BatchNormalization inside)."
+        )
+    if tuple(np.atleast_1d(layer.axis)) not in ((-1,), (len(layer.input.shape) - 1,)):
+        raise ValueError(
+            f"Normalization layer {layer.name!r} normalizes axis {layer.axis}; zipping takes "
+            "the per-channel (last axis) Normalization only."
+        )
+    config = layer.get_config()
+    for key, variable in (("mean", layer.mean), ("variance", layer.variance)):
+        config[key] = [float(v) for v in np.ravel(variable.numpy())]
+    config["axis"] = -1
+    return PassThrough(layer.name, "Normalization", config, (source,))
+
+
 def _pass_through_step(layer, kind: str, source: int) -> PassThrough:
     """The :class:`PassThrough` of a channel-wise weightless layer, checked."""
     config = layer.get_config()
+    if kind == "Reshape":
+        return _channel_reshape(layer, config, source)
     if config.get("data_format", "channels_last") != "channels_last":
         raise ValueError(
             f"Layer {layer.name!r} ({kind}) uses data_format={config['data_format']!r}; "
@@ -505,6 +529,21 @@ def _pass_through_step(layer, kind: str, source: int) -> PassThrough:
             "ones commute with a permutation of the channels."
         )
     return PassThrough(layer.name, kind, config, (source,))
+
+
+def _channel_reshape(layer, config: dict, source: int) -> PassThrough:
+    """A ``Reshape`` that only adds or drops unit axes before the channel axis (a
+    squeeze-excite block's (B, C) -> (B, 1, 1, C)), with the channel count left open (-1)
+    so that it fits every task's width."""
+    before, after = tuple(layer.input.shape[1:]), tuple(config["target_shape"])
+    if before[-1:] != after[-1:] or any(d != 1 for d in before[:-1] + after[:-1]):
+        raise ValueError(
+            f"Reshape layer {layer.name!r} turns {before} into {after}; zipping takes a "
+            "Reshape only when it adds or drops unit axes before the channel axis, e.g. "
+            "(C,) -> (1, 1, C)."
+        )
+    config["target_shape"] = after[:-1] + (-1,)
+    return PassThrough(layer.name, "Reshape", config, (source,))
 
 
 def _merge_step(layer, sources: tuple) -> Merge:
@@ -672,6 +711,8 @@ def read_plan(model: keras.Model) -> Plan:
                 index = source
         elif _pass_through_type(layer) is not None:
             steps.append(_pass_through_step(layer, kind, source))
+        elif kind == "Normalization" and layer_types.lookup(layer) is not None:
+            steps.append(_input_normalization(layer, steps, source))
         elif kind in _MERGE_TYPES and layer_types.lookup(layer) is not None:
             steps.append(_merge_step(layer, sources))
         else:

@@ -82,6 +82,16 @@ REGISTRY = {
         ),
         # x·scale + offset: with scalars it commutes with a permutation, not with a scale.
         LayerType("Rescaling", positive_scale=False, function_keys=("scale", "offset")),
+        # (x − mean)/√variance per channel: a permutation must permute its statistics too,
+        # so zipping takes it only on the model input, whose channels are never reordered.
+        LayerType(
+            "Normalization",
+            permutation=False,
+            positive_scale=False,
+            function_keys=("axis", "invert", "mean", "variance"),
+        ),
+        # (B, C) -> (B, 1, 1, C), as squeeze-excite blocks do: channels stay last.
+        LayerType("Reshape", function_keys=("target_shape",)),
         LayerType("Add", coupling=True),
         LayerType("Subtract", coupling=True),
         LayerType("Average", coupling=True),

@@ -254,3 +254,68 @@ def test_a_third_task_joins_and_a_checkpointed_zip_resumes(block, tmp_path):
     resumed, _ = mtz_tf.zip_models({"a": model, "b": first}, calibrations, **options)
     for task in ("a", "b"):
         assert_close(resumed(x)[task], done(x)[task])
+
+
+def squeeze_excite_model(seed: int, mean=(0.4, 0.5, 0.6)) -> keras.Model:
+    """EfficientNet's block in small: input Rescaling and Normalization, a depthwise conv
+    with a squeeze-excite gate (GAP -> Reshape -> reduce -> expand, sigmoid) multiplied
+    onto its channels, swish activations."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((10, 10, 3))
+    x = keras.layers.Rescaling(1 / 255.0, name="scale")(inputs)
+    x = keras.layers.Normalization(mean=list(mean), variance=[0.05, 0.08, 0.1], name="normalize")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(x)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.Activation("swish", name="stem_act")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+    x = keras.layers.BatchNormalization(name="dw_bn")(x)
+    x = keras.layers.Activation("swish", name="dw_act")(x)
+    gate = keras.layers.GlobalAveragePooling2D(name="squeeze")(x)
+    gate = keras.layers.Reshape((1, 1, 8), name="se_reshape")(gate)
+    gate = keras.layers.Conv2D(3, 1, activation="swish", name="se_reduce")(gate)
+    gate = keras.layers.Conv2D(8, 1, activation="sigmoid", name="se_expand")(gate)
+    x = keras.layers.Multiply(name="excite")([x, gate])
+    x = keras.layers.Conv2D(6, 1, use_bias=False, name="project")(x)
+    x = keras.layers.BatchNormalization(name="project_bn")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x), name=f"se{seed}")
+    return with_batch_norm_statistics(model, seed, gamma=(0.5, 1.0), variance=(0.8, 1.2))
+
+
+def test_squeeze_excite_gate_joins_the_group_it_multiplies():
+    model = squeeze_excite_model(0)
+    plan = graph.read_plan(model)
+    names = [u.name for u in plan.units]
+    groups = [[names[u] for u in g] for g in plan.zip_groups()]
+    assert groups == [["stem", "dw", "se_expand"], ["se_reduce"], ["project"]]
+    x = np.random.default_rng(1).uniform(0, 255, size=(12, 10, 10, 3)).astype(np.float32)
+    calibration = data.to_dataset(x, batch_size=6)
+    permuted = models.permute_hidden(model, seed=5)
+    expected = model(x)
+    assert_close(permuted(x), expected)
+    zipped, report = mtz_tf.zip_models(
+        {"a": model, "b": permuted}, {"a": calibration, "b": calibration}, verbose=0
+    )
+    for task in ("a", "b"):
+        assert_close(zipped(x)[task], expected)
+        assert_close(stack.task_model(zipped, task)(x), expected)
+    assert all(layer.shared == min(layer.widths.values()) for layer in report.layers)
+    other = squeeze_excite_model(1)
+    apart, _ = mtz_tf.zip_models(
+        {"a": model, "b": other}, {"a": calibration, "b": calibration}, share=0.0, verbose=0
+    )
+    assert_close(apart(x)["b"], other(x))
+
+
+def test_normalization_is_taken_on_the_model_input_only():
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = keras.layers.Normalization(mean=[0.0] * 4, variance=[1.0] * 4, name="late")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    late = keras.Model(inputs, keras.layers.Dense(2)(x))
+    with pytest.raises(ValueError, match="'late' normalizes the outputs of zippable layers"):
+        graph.read_plan(late)
+    a, b = squeeze_excite_model(0), squeeze_excite_model(0, mean=(0.0, 0.5, 0.6))
+    calibration = data.to_dataset(np.zeros((4, 10, 10, 3), np.float32), batch_size=4)
+    with pytest.raises(ValueError, match="at layer 'normalize': mean"):
+        mtz_tf.zip_models({"a": a, "b": b}, {"a": calibration, "b": calibration}, verbose=0)

@@ -22,6 +22,10 @@ SAMPLES = {
     "Cropping2D": lambda: keras.layers.Cropping2D(1),
     "UpSampling2D": lambda: keras.layers.UpSampling2D(2, interpolation="bilinear"),
     "Rescaling": lambda: keras.layers.Rescaling(2.0, offset=1.0),
+    "Normalization": lambda: keras.layers.Normalization(
+        mean=[0.5, -1.0, 2.0, 0.0], variance=[1.0, 4.0, 0.25, 9.0]
+    ),
+    "Reshape": lambda: keras.layers.Reshape((36, 4)),
     "Add": lambda: keras.layers.Add(),
     "Subtract": lambda: keras.layers.Subtract(),
     "Average": lambda: keras.layers.Average(),
