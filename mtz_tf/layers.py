@@ -374,9 +374,11 @@ class ZippedConv2D(_ZippedLayer):
         return ops.conv(x, kernel, strides=self.strides, padding=self.padding)
 
     def _plain_layer(self, units):
-        return keras.layers.Conv2D(
-            units,
-            self.kernel_size,
+        return keras.layers.Conv2D(units, self.kernel_size, **self._plain_options())
+
+    def _plain_options(self) -> dict:
+        """Arguments of the plain convolution holding one task's view of this layer."""
+        return dict(
             strides=self.strides,
             padding=self.padding,
             use_bias=self.use_bias,
@@ -454,14 +456,7 @@ class ZippedDepthwiseConv2D(ZippedConv2D):
         return self._affine(own, self.task_kernels[t], self.task_biases[t])
 
     def _plain_layer(self, units):
-        return keras.layers.DepthwiseConv2D(
-            self.kernel_size,
-            strides=self.strides,
-            padding=self.padding,
-            use_bias=self.use_bias,
-            name=self.name,
-            activation=None if self.norms else self.activation,
-        )
+        return keras.layers.DepthwiseConv2D(self.kernel_size, **self._plain_options())
 
     def _plain_kernel(self, kernel):
         return ops.swapaxes(kernel, -1, -2)

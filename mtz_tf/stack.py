@@ -21,12 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtz_tf import graph, layers
-from mtz_tf.layers import (
-    ChannelMajorFlatten,
-    ZippedConv2D,
-    ZippedDense,
-    _ZippedLayer,
-)
+from mtz_tf.layers import ChannelMajorFlatten, ZippedConv2D, ZippedDense, _ZippedLayer
 
 BATCH_NORM_MODES = ("task", "fold")
 

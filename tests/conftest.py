@@ -174,3 +174,19 @@ def killed_on_call(function, n: int, message: str):
         return function(*args, **kwargs)
 
     return wrapper
+
+
+def export_with_task_parity(zipped, out_dir: str, x) -> dict:
+    """Exports ``zipped`` with a TFLite file per task (parity checked on ``x`` by the
+    exporter), runs every task's TFLite file on ``x`` and checks it against the Keras
+    model; returns the export result."""
+    from mtz_tf import exporter
+
+    result = exporter.export(zipped, out_dir, per_task_tflite=True, parity_data=x)
+    expected = zipped(x)
+    for task in expected:
+        tflite = exporter.run_tflite(
+            os.path.join(out_dir, f"model_{task}.tflite"), f"serve_{task}", x
+        )
+        assert_close(next(iter(tflite.values())), expected[task])
+    return result

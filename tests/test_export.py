@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import FLOAT32_TOLERANCE, assert_close
+from conftest import FLOAT32_TOLERANCE, assert_close, export_with_task_parity
 
 import mtz_tf
 from mtz_tf import deploy_report
@@ -390,12 +390,5 @@ def test_padding_cropping_upsampling_relu6_model_exports_with_parity(tmp_path):
     zipped, _ = mtz_tf.zip_models(
         {"a": model, "b": other}, {"a": calib, "b": calib}, share=0.5, verbose=0
     )
-    out_dir = str(tmp_path / "small")
-    result = export_lib.export(zipped, out_dir, per_task_tflite=True, parity_data=x)
-    expected = zipped(x)
-    for task in ("a", "b"):
-        tflite = export_lib.run_tflite(
-            os.path.join(out_dir, f"model_{task}.tflite"), f"serve_{task}", x
-        )
-        assert_close(next(iter(tflite.values())), expected[task])
+    result = export_with_task_parity(zipped, str(tmp_path / "small"), x)
     assert {"keras", "tflite", "tflite_a", "tflite_b"} <= set(result["parity"])
