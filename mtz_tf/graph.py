@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
 
-from mtz_tf import activations, layer_types
+from mtz_tf import activations, layer_types, scalar_ops
 
 ELEMENTWISE_ACTIVATIONS = activations.ELEMENTWISE
 """Activations that act on each unit alone, so units can be permuted and merged freely."""
@@ -48,6 +48,10 @@ def _supported_types() -> str:
 
 
 MODEL_INPUT = -1
+
+_HEAD_TAIL_TYPES = ("Flatten", "Reshape", "Activation", "Dropout")
+"""Weightless layers that may follow the output head (MobileNetV3's 1×1 convolution head
+is flattened, then a softmax Activation); each task's head output goes through them alone."""
 """The ``inputs`` index that stands for the model input."""
 
 CHANNELWISE_KINDS = ("DepthwiseConv2D", "BatchNormalization")
@@ -164,11 +168,19 @@ class Plan:
             unit is the output head and produces the model output.
         coupled_groups: tuple of :class:`CoupledGroup`, the channels tied together by
             residual ``Add`` layers (empty for a chain).
+        output: int, the index of the step producing the model output (-1: the last).
     """
 
     input_shape: tuple
     steps: tuple
     coupled_groups: tuple = ()
+    output: int = -1
+
+    @property
+    def output_step(self) -> int:
+        """The index into :attr:`steps` of the step that produces the model output: the
+        head unit's, or the last of the weightless layers after it."""
+        return self.output if self.output >= 0 else len(self.steps) - 1
 
     @property
     def units(self) -> list[Unit]:
@@ -650,6 +662,7 @@ def read_plan(model: keras.Model) -> Plan:
             f"Model {model.name!r} must have one input and one output. Received "
             f"{len(model.inputs)} inputs and {len(model.outputs)} outputs."
         )
+    model = scalar_ops.as_layers(model)
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     uses: dict = {}
     for layer in layers:
@@ -692,12 +705,9 @@ def read_plan(model: keras.Model) -> Plan:
                 if isinstance(layer, keras.layers.Activation)
                 else _relu_layer_activation(layer)
             )
-            if source != MODEL_INPUT and isinstance(steps[source], Merge):
-                if not activations.is_elementwise(activation):
-                    raise ValueError(
-                        f"Activation layer {layer.name!r} after {steps[source].name!r} uses "
-                        f"{activation!r}, which does not act on each channel alone."
-                    )
+            if source != MODEL_INPUT and not isinstance(steps[source], Unit):
+                # After a merge or a weightless layer: its own step (element-wise unless it
+                # ends the model, :func:`_check_plan`).
                 config = {"name": layer.name, "activation": activations.resolve(activation)}
                 steps.append(PassThrough(layer.name, "Activation", config, (source,)))
             else:
@@ -727,6 +737,7 @@ def read_plan(model: keras.Model) -> Plan:
         input_shape=tuple(model.inputs[0].shape[1:]),
         steps=tuple(steps),
         coupled_groups=_coupled_groups(steps),
+        output=producer.get(id(model.outputs[0]), -1),
     )
     _check_plan(model, plan, producer)
     return plan
@@ -739,12 +750,31 @@ def _check_plan(model: keras.Model, plan: Plan, producer: dict) -> None:
             f"Model {model.name!r} has {len(units)} Dense layer(s); zipping needs at least one "
             "hidden Dense layer and an output Dense layer."
         )
-    output = producer.get(id(model.outputs[0]))
-    if output is None or plan.steps[output] is not units[-1]:
+    head, tail = _trace_back(list(plan.steps), plan.output)
+    tail_steps = set()
+    index = plan.output
+    while plan.steps[index] is not head:
+        tail_steps.add(index)
+        index = plan.steps[index].inputs[0]
+    if (
+        head is not units[-1]
+        or any(k not in _HEAD_TAIL_TYPES for k in tail)
+        or len(tail_steps) != len(plan.steps) - 1 - plan.unit_step(len(units) - 1)
+    ):
         raise ValueError(
             f"The output of model {model.name!r} must come from its last Dense or Conv2D "
-            f"layer ({units[-1].name!r}) and its activation."
+            f"layer ({units[-1].name!r}) and its activation, followed at most by "
+            f"{', '.join(_HEAD_TAIL_TYPES)} layers."
         )
+    for index, step in enumerate(plan.steps):
+        elementwise = step.kind != "Activation" or activations.is_elementwise(
+            activations.canonical(step.config["activation"], step.name)
+        )
+        if isinstance(step, PassThrough) and index not in tail_steps and not elementwise:
+            raise ValueError(
+                f"Activation layer {step.name!r} (after {plan.steps[step.inputs[0]].name!r}) "
+                "does not act on each channel alone; only the output may end with one."
+            )
     if is_channelwise(units[-1]):
         raise ValueError(
             f"The output of model {model.name!r} comes from {units[-1].name!r} "

@@ -298,7 +298,7 @@ def build_model(
                 tensors[index] = _per_task(layer, args, len(task_names))
             else:
                 tensors[index] = _per_task(_pass_through(plan, step), args, len(task_names))
-        x = tensors[len(plan.steps) - 1 - plan.steps[::-1].index(plan.units[-1])]
+        x = tensors[plan.output_step]
         outputs = x if isinstance(x, list) else [x] * len(task_names)
         model = keras.Model(inputs, dict(zip(task_names, outputs)), name=name)
     for layer, state in built:

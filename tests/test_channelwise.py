@@ -17,6 +17,7 @@ from conftest import (
 
 import mtz_tf
 from mtz_tf import cost, data, graph, models, stack
+from mtz_tf.compress import neuron_merging as nm
 from mtz_tf.layers import ZippedBatchNormalization, ZippedDepthwiseConv2D
 
 
@@ -318,3 +319,44 @@ def test_normalization_is_taken_on_the_model_input_only():
     calibration = data.to_dataset(np.zeros((4, 10, 10, 3), np.float32), batch_size=4)
     with pytest.raises(ValueError, match="at layer 'normalize': mean"):
         mtz_tf.zip_models({"a": a, "b": b}, {"a": calibration, "b": calibration}, verbose=0)
+
+
+def test_neuron_merging_prunes_a_squeeze_excite_block_with_its_gate():
+    """A conv whose channels a squeeze-excite gate scales loses the gate's outputs with its
+    pruned channels; dead channels (ReLU of a negative constant) go exactly; merging is
+    refused, since the gate scales each channel by its own factor."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(10, 3, padding="same", name="body")(inputs)
+    x = keras.layers.BatchNormalization(name="body_bn")(x)
+    x = keras.layers.ReLU(name="body_relu")(x)
+    gate = keras.layers.GlobalAveragePooling2D()(x)
+    gate = keras.layers.Dense(4, activation="relu", name="se_reduce")(gate)
+    gate = keras.layers.Dense(10, name="se_expand")(gate)
+    gate = keras.layers.Activation("sigmoid")(gate)
+    gate = keras.layers.Reshape((1, 1, 10))(gate)
+    x = keras.layers.Multiply(name="excite")([x, gate])
+    x = keras.layers.Conv2D(5, 1, name="project")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+    model = with_batch_norm_statistics(model, 0)
+    bn = model.get_layer("body_bn")
+    gamma, beta = bn.gamma.numpy(), bn.beta.numpy()
+    gamma[[2, 7]], beta[[2, 7]] = 0.0, -1.0
+    bn.gamma.assign(gamma)
+    bn.beta.assign(beta)
+    assert nm.prunable_layers(model) == ["body", "se_reduce", "project"]
+    pruned, report = nm.compress(model, {"body": 0.2}, criterion="l1-norm", merge=False)
+    assert pruned.get_layer("se_expand").units == 8 and pruned.get_layer("body").filters == 8
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
+    kept = report[0].kept
+    assert kept == 8
+    with pytest.raises(ValueError, match="squeeze-excite gate 'se_expand'"):
+        nm.compress(model, {"body": 0.2})
+    # Prune exactly the dead channels: zero their filters so that l1-norm ranks them last.
+    body = model.get_layer("body")
+    kernel = body.kernel.numpy()
+    kernel[..., [2, 7]] = 0.0
+    body.kernel.assign(kernel)
+    pruned, _ = nm.compress(model, {"body": 0.2}, merge=False)
+    assert_close(pruned(x), model(x))

@@ -32,7 +32,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from mtz_tf import data, training
+from mtz_tf import data, scalar_ops, training
 from mtz_tf.compress import bn_graph, flops, surgery
 
 
@@ -89,6 +89,7 @@ def memory_lambdas(model: keras.Model) -> dict[str, float]:
     Raises:
         ValueError: if the model has no BatchNorm scale to prune.
     """
+    model = scalar_ops.as_layers(model)  # Keras-ops nodes read as layers
     graph = bn_graph.read_bn_graph(model)
     _require_bn(model, graph)
     lambdas = {}
@@ -284,6 +285,7 @@ def rescale_gamma(model: keras.Model, alpha: float) -> keras.Model:
     """
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"`alpha` must be a positive finite number. Received: alpha={alpha}")
+    model = scalar_ops.as_layers(model)  # Keras-ops nodes read as layers
     graph = bn_graph.read_bn_graph(model)
     _require_bn(model, graph)
     named = {}
@@ -456,6 +458,7 @@ def remove_zero_channels(
         raise ValueError(
             f"`absorption` must be one of {_ABSORPTIONS}. Received: absorption={absorption!r}"
         )
+    model = scalar_ops.as_layers(model)  # Keras-ops nodes read as layers
     graph = bn_graph.read_bn_graph(model)
     _require_bn(model, graph)
     named: dict[str, dict[str, np.ndarray]] = {}

@@ -18,6 +18,7 @@ from collections.abc import Collection
 import keras
 import numpy as np
 
+from mtz_tf import scalar_ops
 from mtz_tf.compress import bn_graph, ista, surgery
 
 
@@ -40,6 +41,7 @@ def l1_filter_prune(
     """
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"`keep_fraction` must be in (0, 1]. Received: {keep_fraction}")
+    model = scalar_ops.as_layers(model)  # Keras-ops nodes read as layers
     graph = bn_graph.read_bn_graph(model)
     ista._require_bn(model, graph)
     weights = {}

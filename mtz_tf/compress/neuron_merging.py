@@ -56,7 +56,7 @@ import keras
 import numpy as np
 
 from mtz_tf import activations as activation_lib
-from mtz_tf import layer_types
+from mtz_tf import layer_types, scalar_ops
 from mtz_tf.compress import criteria as criteria_lib
 from mtz_tf.compress import surgery
 from mtz_tf.layers import _ZippedLayer
@@ -75,6 +75,10 @@ DEFAULT_LAMDA = 0.85
 
 _CAPPED_RELU = "relu (max_value/threshold)"
 """A ReLU layer with a cap or threshold: element-wise, but not positively homogeneous."""
+
+_AFFINE = "scalar Rescaling with an offset or a negative scale"
+"""x·s + o on every channel (MobileNetV3's hard sigmoid, :mod:`mtz_tf.scalar_ops`):
+pruning passes through it, a positive per-channel scale does not."""
 
 HOMOGENEOUS_ACTIVATIONS = frozenset({"linear", "relu", "leaky_relu"})
 """Activations f with f(z·t) = z·f(t) for every z > 0: merging through them is exact."""
@@ -127,6 +131,9 @@ class _Unit:
     # Depthwise convolutions (and the BatchNorm right after each) on the way: channel c of
     # each is the pruned layer's channel c, so it goes with it.
     channelwise: tuple[str, ...] = ()
+    # Dense/Conv2D layers writing squeeze-excite gates that scale its channels: output c of
+    # each goes with channel c.
+    gates: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,6 +393,7 @@ def _trace(
         activations.append(own)
     found: list[tuple[str, int]] = []
     channelwise: list[str] = []
+    gates: list[str] = []
     # Depth-first over the layers that read the channels: (layer, flattened positions or 0).
     stack = [(layer, 0)]
     while stack:
@@ -452,6 +460,14 @@ def _trace(
                     )
                 activations.append(activation)
                 stack.append((reader, flat))
+            elif isinstance(reader, keras.layers.Rescaling):
+                if np.ndim(reader.scale) or np.ndim(reader.offset):
+                    return _Blocked(
+                        name, "unsupported", f"Rescaling {reader.name!r} is per-channel"
+                    )
+                if reader.offset or reader.scale <= 0:  # x·s + o: selection passes, scaling not
+                    activations.append(_AFFINE)
+                stack.append((reader, flat))
             elif isinstance(reader, keras.layers.Flatten):
                 if reader.data_format != "channels_last":
                     return _Blocked(name, "unsupported", f"{reader.name!r} is not channels_last")
@@ -461,6 +477,9 @@ def _trace(
             elif isinstance(reader, _CHANNELWISE):
                 if getattr(reader, "data_format", "channels_last") != "channels_last":
                     return _Blocked(name, "unsupported", f"{reader.name!r} is not channels_last")
+                stack.append((reader, flat))
+            elif (gate := _squeeze_excite_gate(reader, current, consumers)) is not None:
+                gates.append(gate)  # its channel c scales channel c: it goes with it
                 stack.append((reader, flat))
             elif isinstance(reader, _COUPLING):
                 return _Blocked(
@@ -480,7 +499,36 @@ def _trace(
         activations=tuple(activations),
         consumers=tuple(found),
         channelwise=tuple(channelwise),
+        gates=tuple(gates),
     )
+
+
+_GATE_PATH = (keras.layers.Activation, keras.layers.ReLU, keras.layers.Rescaling, keras.layers.Reshape)
+"""Weightless layers between a squeeze-excite gate's Dense/Conv2D and its ``Multiply``."""
+
+
+def _squeeze_excite_gate(multiply, current, consumers: dict) -> str | None:
+    """The Dense/Conv2D writing the squeeze-excite gate that ``multiply`` applies to
+    ``current``'s channels, or None when ``multiply`` is not such a gate.
+
+    A gate is the other input of a two-input ``Multiply`` that broadcasts (B, 1, 1, C) over
+    ``current``'s feature map, written by a Dense/Conv2D through activations, scalar
+    ``Rescaling`` and ``Reshape`` only, each read by nothing else: its channel c scales
+    channel c, so pruning channel c removes the gate's output c too.
+    """
+    if not isinstance(multiply, keras.layers.Multiply) or len(_inputs_of(multiply)) != 2:
+        return None
+    mine, other = sorted(_inputs_of(multiply), key=lambda t: t is not current.output)
+    if mine is not current.output or all(d == 1 for d in mine.shape[1:-1]):
+        return None
+    if len(other.shape) != len(mine.shape) or any(d != 1 for d in other.shape[1:-1]):
+        return None
+    layer = other._keras_history.operation
+    while isinstance(layer, _GATE_PATH) and len(consumers[layer.name]) == 1:
+        layer = layer.input._keras_history.operation
+    if not _is_weight_layer(layer) or len(consumers[layer.name]) != 1:
+        return None
+    return layer.name
 
 
 def _read(model: keras.Model) -> dict[str, _Unit | _Blocked]:
@@ -518,6 +566,7 @@ def prunable_layers(model: keras.Model) -> list[str]:
     ``Concatenate`` (in a residual block only the inner conv qualifies, as in the reference
     code). Raises ``ValueError`` if a Dense/Conv2D leads into a layer that cannot be traced.
     """
+    model = scalar_ops.as_layers(model)  # Keras-ops nodes read as layers
     units = _read(model)
     for entry in units.values():
         if isinstance(entry, _Blocked) and entry.kind == "unsupported":
@@ -654,6 +703,7 @@ def compress(
         raise ValueError(f"`scale` must be one of {SCALES}. Received: scale={scale!r}")
     if not 0.0 <= lamda <= 1.0:
         raise ValueError(f"`lamda` must be in [0, 1]. Received: lamda={lamda}")
+    model = scalar_ops.as_layers(model)  # Keras-ops nodes read as layers
     units = _read(model)
     ratios = _ratios(model, units, ratio)
 
@@ -669,6 +719,13 @@ def compress(
                     f"positively homogeneous (f(z·t) = z·f(t) for z > 0), so folding a pruned "
                     f"neuron into a kept one would not be exact. Merging supports "
                     f"{sorted(HOMOGENEOUS_ACTIVATIONS)}; use merge=False to prune only."
+                )
+            if unit.gates:
+                raise ValueError(
+                    f"Cannot merge neurons of layer {name!r}: squeeze-excite gate "
+                    f"{unit.gates[0]!r} scales each of its channels by its own factor, so a "
+                    "pruned channel is not a multiple of a kept one after it. Use merge=False "
+                    "to prune such layers (the gate's outputs go with them)."
                 )
             depthwise = [c for c in unit.channelwise if not _is_batch_norm(model, c)]
             if depthwise:
@@ -699,6 +756,7 @@ def compress(
 
     # Consumer folds and output slices commute, so each layer is updated once from originals.
     weights: dict[str, list[np.ndarray]] = {}
+    widths: dict[str, int] = {}
     dtypes: dict[str, list[np.dtype]] = {}
 
     def current(layer_name):
@@ -722,10 +780,14 @@ def compress(
             else:  # depthwise kernel (kh, kw, C, 1), bias (C,)
                 arrays = current(channel_layer)
                 weights[channel_layer] = [arrays[0][..., keep, :]] + [b[keep] for b in arrays[1:]]
+        for gate in unit.gates:
+            arrays = current(gate)
+            weights[gate] = [arrays[0][..., keep]] + [b[keep] for b in arrays[1:]]
+            widths[gate] = len(keep)
         for consumer, positions in unit.consumers:
             kernel_and_bias = current(consumer)
             kernel_and_bias[0] = _fold_input(kernel_and_bias[0], z, positions)
-    widths = {name: len(keep) for name, (keep, _) in plans.items()}
+    widths.update({name: len(keep) for name, (keep, _) in plans.items()})
     cast = {
         name: [w.astype(dtype) for w, dtype in zip(ws, dtypes[name], strict=True)]
         for name, ws in weights.items()

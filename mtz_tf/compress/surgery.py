@@ -42,6 +42,7 @@ def rebuild(
         # Saved build shapes would rebuild every layer at its old width.
         layer_config.pop("build_config", None)
         name = layer_config["config"]["name"]
+        _open_channel_reshape(layer_config)
         if name in widths:
             key = _WIDTH_KEYS.get(layer_config["class_name"])
             if key is None:
@@ -64,3 +65,13 @@ def rebuild(
             )
         layer.set_weights(list(new_weights))
     return new_model
+
+
+def _open_channel_reshape(layer_config: dict) -> None:
+    """Leaves the channel count of a ``Reshape`` to (1, ..., 1, C) open (-1), so that it
+    follows a resized layer before it (a squeeze-excite block's (C,) -> (1, 1, C)); with
+    every other axis 1, -1 always stands for the input's size."""
+    if layer_config["class_name"] == "Reshape":
+        shape = list(layer_config["config"]["target_shape"])
+        if all(d == 1 for d in shape[:-1]):
+            layer_config["config"]["target_shape"] = tuple(shape[:-1]) + (-1,)
