@@ -43,25 +43,62 @@ PROVISIONAL_SWEEPS = 2
 
 @dataclasses.dataclass
 class _Topology:
-    """Groups of units sharing one neuron order, who reads them, and the shared counts."""
+    """Groups of units sharing one neuron order, who reads them, and the shared counts.
+
+    A unit reading a ``Concatenate`` of several groups' outputs, or a spanning channel-wise
+    unit (:meth:`mtz_tf.graph.Plan.spans`), is a *follower* of each of them: the
+    concatenation is laid out shared-first (:class:`mtz_tf.layers.SharedFirstConcatenate`:
+    every segment's shared channels, then every segment's own), and a follower's input rows
+    (a spanning unit's channels) are kept in that layout, which changes as each group's
+    count is laid out (``laid_out``) when the group is matched.
+    """
 
     groups: list  # tuples of unit indices
-    group_of: dict  # unit index -> group index
-    source: dict  # unit index -> group index it reads, or None for the model input
-    readers: dict  # group index -> unit indices reading it
+    group_of: dict  # unit index -> group index (spanning units have none)
+    source: dict  # unit index -> the one group it reads, or None
+    readers: dict  # group index -> unit indices reading it alone
     shares: list  # per group, neurons shared
+    segments: dict  # follower unit index -> [(group, unit index) per segment it reads]
+    followers: dict  # group index -> follower unit indices
+    laid_out: set  # groups whose shared count the followers' layouts lead with
+
+    def inputs_decided(self, unit: int, decided: set) -> bool:
+        """Whether every group ``unit`` reads is in ``decided``."""
+        if unit in self.segments:
+            return all(g in decided for g, _ in self.segments[unit])
+        return self.source[unit] is None or self.source[unit] in decided
+
+    def unit_share(self, unit: int) -> int:
+        """Neurons ``unit`` shares: its group's, or a spanning unit's segments' sum."""
+        if unit in self.group_of:
+            return self.shares[self.group_of[unit]]
+        return sum(self.shares[g] for g, _ in self.segments[unit])
 
 
 def topology(plan: graph.Plan, shares: list[int]) -> _Topology:
-    """The zip groups of ``plan`` with per-group shares from per-hidden-unit ``shares``.
+    """The zip groups of ``plan`` with per-group shares from per-hidden-unit ``shares``
+    (a spanning unit's entry is not used: it shares what its segments share).
 
     Raises:
-        ValueError: if the units of one coupled group were given different shares.
+        ValueError: if the units of one coupled group were given different shares, or a
+            unit reading a Concatenate of several groups writes into a residual stream.
     """
     groups = plan.zip_groups()
     group_of = {u: g for g, members in enumerate(groups) for u in members}
-    source = {u: plan.input_group(u, groups) for u in range(len(plan.units))}
+    inputs = {u: plan.input_segments(u, groups) for u in range(len(plan.units))}
+    source = {u: segs[0][0] if len(segs) == 1 else None for u, segs in inputs.items()}
+    segments = {u: segs for u, segs in inputs.items() if len(segs) > 1}
     readers = {g: [u for u, s in source.items() if s == g] for g in range(len(groups))}
+    followers = {g: sorted({u for u, segs in segments.items() if g in dict(segs)}) for g in
+                 range(len(groups))}
+    for u in segments:
+        others = [w for w in groups[group_of[u]] if w != u] if u in group_of else []
+        if any(not graph.is_channelwise(plan.units[w]) for w in others):
+            raise ValueError(
+                f"Layer {plan.units[u].name!r} reads a Concatenate of several layers' outputs "
+                "and writes into a residual stream; zipping takes Concatenate readers outside "
+                "residual streams only (as in DenseNet)."
+            )
     per_group = []
     for members in groups:
         counts = {shares[u] for u in members}
@@ -72,7 +109,7 @@ def topology(plan: graph.Plan, shares: list[int]) -> _Topology:
                 f"number of neurons. Received shares {[shares[u] for u in members]}."
             )
         per_group.append(counts.pop())
-    return _Topology(groups, group_of, source, readers, per_group)
+    return _Topology(groups, group_of, source, readers, per_group, segments, followers, set())
 
 
 def _full(state: stack.LayerState) -> stack.LayerState:
@@ -145,7 +182,8 @@ def provisional_alignment(top: _Topology, states, hessians, config, rng) -> dict
             pairs = []
             for t in range(1, len(states[0].kernels)):
                 costs = 0.0
-                for w in members:
+                for w in (w for w in members if w not in top.segments):
+                    # A Concatenate reader (a group of its own) has no provisional view.
                     view = _aligned_view(states[w], hessians[w], top.source[w], aligned, t, mode)
                     if view is not None:
                         costs = costs + layer_zip.pair_costs(*view, config, rng)
@@ -334,9 +372,13 @@ def permute_group(g, top, states, picked: dict, align: bool = True) -> None:
     """Puts every writer's neurons and every reader's input rows of group ``g`` in the order
     [matched, in pair order; the rest in original order] for each task t of ``picked``
     ({t: its matched neurons}); readers then take the first k channels as aligned inputs
-    (``align``; a task joining a zipped model finds them aligned already)."""
+    (``align``; a task joining a zipped model finds them aligned already). Followers
+    (:class:`_Topology`) move to the shared-first layout with g's count laid out."""
     k = top.shares[g]
+    before, after = set(top.laid_out), top.laid_out | {g}
     for t, chosen in picked.items():
+        for f in top.followers[g]:
+            _relayout(states, f, t, top, before, after, {g: chosen})
         n = states[top.groups[g][0]].kernels[t].shape[-1]
         order = np.concatenate([chosen, np.setdiff1d(np.arange(n), chosen)])
         for w in top.groups[g]:
@@ -348,8 +390,52 @@ def permute_group(g, top, states, picked: dict, align: bool = True) -> None:
         for r in top.readers[g]:
             reader = states[r]
             reader.kernels[t] = reader.kernels[t][..., _row_index(reader, order), :]
+    top.laid_out.add(g)
     for r in top.readers[g] if align else ():
         layer_zip.align_inputs(states[r], k * states[r].input_group)
+    for f in top.followers[g] if align else ():
+        if states[f].kind not in graph.CHANNELWISE_KINDS:
+            shared = sum(top.shares[s] for s, _ in top.segments[f] if s in top.laid_out)
+            layer_zip.align_inputs(states[f], shared * states[f].input_group)
+
+
+def _relayout(states, f, t, top, before: set, after: set, orders: dict) -> None:
+    """Moves follower ``f``'s task-t input rows (a spanning unit's channels) from the
+    shared-first layout of the groups ``before`` to that of ``after``, with the channels of
+    each group g in ``orders`` reordered to ``orders[g]`` (all of its neurons, new order
+    first matched; missing groups keep theirs).
+
+    With L_b, L_a the layouts (natural channel per position) and π the reordering of the
+    natural channels, position p of the new layout takes the old position of π(L_a[p]).
+    """
+    segments = top.segments[f]
+    widths = [states[u].units[t] for _, u in segments]
+    offsets = np.cumsum([0] + widths)[:-1]
+    natural = np.arange(sum(widths))
+    for (g, _), offset, n in zip(segments, offsets, widths):
+        if g in orders:
+            chosen = np.asarray(orders[g], dtype=np.int64)
+            natural[offset : offset + n] = offset + np.concatenate(
+                [chosen, np.setdiff1d(np.arange(n), chosen)]
+            )
+
+    def layout(laid):
+        return stack.shared_first_order(
+            widths, [top.shares[g] if g in laid else 0 for g, _ in segments]
+        )
+
+    old = layout(before)
+    position = np.empty_like(old)
+    position[old] = np.arange(len(old))
+    index = position[natural[layout(after)]]
+    state = states[f]
+    if state.kind in graph.CHANNELWISE_KINDS:  # its channels are its input's
+        state.kernels[t] = state.kernels[t][..., index]
+        state.biases[t] = state.biases[t][index]
+        if state.norms:
+            state.norms[t] = tuple(v[index] for v in state.norms[t])
+    else:
+        state.kernels[t] = state.kernels[t][..., _row_index(state, index), :]
 
 
 def tie_unit(state: stack.LayerState, k: int, hessians, config, joining=None) -> float:
@@ -476,15 +562,16 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
     evaluation, report, verbose, save)``; ``save(model, completed)`` checkpoints.
     """
     retrain, evaluation, report, verbose, save = options
-    decided = {top.group_of[u] for u in range(start)}
+    decided = {top.group_of[u] for u in range(start) if u in top.group_of}
+    top.laid_out |= decided
     retrain_offset = sum(layer.retrain_steps for layer in report.layers)
     propagate_common(plan, states)
     model = stack.build_model(plan, task_names, states)
     for u in range(start, len(plan.hidden_units)):
         began = time.time()
-        g = top.group_of[u]
-        writers = top.groups[g] if g not in decided else (u,)
-        aligned = [w for w in writers if top.source[w] is None or top.source[w] in decided]
+        g = top.group_of.get(u)  # None for a spanning unit: its order is its inputs'
+        writers = top.groups[g] if g is not None and g not in decided else (u,)
+        aligned = [w for w in writers if top.inputs_decided(w, decided)]
         layers = stack.zipped_layers(model)
         hessians = layer_zip.layers_hessians(
             model,
@@ -495,11 +582,11 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
         )
         current = dict(zip(aligned, hessians))
         timings = {"hessians": time.time() - began}
-        if g not in decided:
+        if g is not None and g not in decided:
             decide(g, current, u)
             decided.add(g)
         timings["costs_matching"] = time.time() - began - sum(timings.values())
-        merge_cost = tie_unit(states[u], top.shares[g], current[u], config, joining)
+        merge_cost = tie_unit(states[u], top.unit_share(u), current[u], config, joining)
         propagate_common(plan, states)
         timings["merge"] = time.time() - began - sum(timings.values())
         model = stack.build_model(plan, task_names, states)
@@ -544,6 +631,10 @@ def join_graph(
     rng = np.random.default_rng([config["seed"], 7])
     began = time.time()
     pair_states = original = provisional = None
+    # The newcomer's Concatenate readers take the zipped network's shared-first layout.
+    top.laid_out = set(range(len(top.groups)))
+    for f in top.segments:
+        _relayout(states, f, new, top, set(), top.laid_out, {})
     if any(len(members) > 1 for members in top.groups):
         pair_states, original, provisional = _newcomer_alignment(
             plan, zipped, task_names[0], task, model, newcomer, top, calibration, config

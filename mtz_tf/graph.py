@@ -207,10 +207,23 @@ class Plan:
         """Whether unit ``unit_index`` reads the model input (through pass-throughs only)."""
         return not self.unit_sources(self.steps[self.unit_step(unit_index)].inputs[0])
 
+    def spans(self, unit_index: int) -> bool:
+        """Whether unit ``unit_index`` is a *spanning* channel-wise unit: a depthwise
+        convolution or standalone BatchNorm reading a ``Concatenate`` of several units'
+        outputs (DenseNet's BatchNorm before each block). Its channel c still reads only
+        input channel c, so its channels follow its input segments' orders; it belongs to
+        none of :meth:`zip_groups` and its readers read those segments through it
+        (:meth:`unit_sources`)."""
+        unit = self.units[unit_index]
+        if not is_channelwise(unit):
+            return False
+        return len(_segments(self.steps, self.steps[self.unit_step(unit_index)].inputs[0])) > 1
+
     def zip_groups(self) -> list[tuple]:
         """A partition of the hidden units (indices into :attr:`units`) into the sets that
         share one neuron order: each coupled group, and every other unit alone; in order of
-        each set's first unit.
+        each set's first unit. Spanning units (:meth:`spans`) are in no set: their order is
+        their input segments'.
 
         Raises:
             ValueError: if a coupled group couples only part of a unit's channels (a
@@ -229,8 +242,8 @@ class Plan:
             if partial or len(set(members)) != len(members):
                 raise ValueError(
                     f"Layers {sorted(set(partial))} have only part of their channels coupled "
-                    "with other layers (an Add, depthwise convolution or standalone BatchNorm "
-                    "reading a Concatenate of several layers' outputs, as in DenseNet); "
+                    "with other layers (an Add reading a Concatenate of several layers' "
+                    "outputs); "
                     "zipping needs every coupled layer's channels coupled as a whole."
                 )
             if len(units) - 1 in members:
@@ -240,29 +253,30 @@ class Plan:
                 )
             grouped.update(members)
             result.append(tuple(sorted(members)))
-        result += [(i,) for i in range(len(units) - 1) if i not in grouped]
+        result += [
+            (i,) for i in range(len(units) - 1) if i not in grouped and not self.spans(i)
+        ]
         return sorted(result, key=min)
 
-    def input_group(self, unit_index: int, groups: list[tuple]):
-        """The index into ``groups`` of the set whose output unit ``unit_index`` reads, or
-        None when it reads the model input or is channel-wise (:func:`is_channelwise`: it is
-        a member of its input's own set, a writer rather than a reader).
-
-        Raises:
-            ValueError: if it reads a ``Concatenate`` of several sets (their shared
-                channels cannot form one prefix).
-        """
+    def input_segments(self, unit_index: int, groups: list[tuple]) -> list[tuple]:
+        """The channel segments unit ``unit_index`` reads, as ``(set index into groups,
+        unit index)`` in channel order: empty when it reads the model input or is a
+        channel-wise member of its input's own set (:func:`is_channelwise`: a writer rather
+        than a reader); one for an ordinary reader; several for a reader of a
+        ``Concatenate`` of several units' outputs, or a spanning unit (:meth:`spans`)."""
         unit = self.units[unit_index]
         sources = self.unit_sources(self.steps[self.unit_step(unit_index)].inputs[0])
-        if not sources or is_channelwise(unit):
-            return None
-        if len(sources) != 1:
-            raise ValueError(
-                f"Layer {unit.name!r} reads a Concatenate of several layers' outputs; zipping "
-                "such a reader is not supported (its shared inputs would not form a prefix)."
-            )
-        source_unit = sources[0][0]
-        return next(g for g, members in enumerate(groups) if source_unit in members)
+        if not sources or (is_channelwise(unit) and len(sources) == 1):
+            return []
+        set_of = {u: g for g, members in enumerate(groups) for u in members}
+        return [(set_of[u], u) for u, _, _ in sources]
+
+    def input_group(self, unit_index: int, groups: list[tuple]):
+        """The index into ``groups`` of the one set whose output unit ``unit_index`` reads,
+        or None when it reads the model input, is a channel-wise member of its input's set,
+        or reads several segments (:meth:`input_segments`)."""
+        segments = self.input_segments(unit_index, groups)
+        return segments[0][0] if len(segments) == 1 else None
 
 
 def _hashable(value):
@@ -441,6 +455,10 @@ def _segments(steps: list, index: int) -> list:
         return []
     step = steps[index]
     if isinstance(step, Unit):
+        if is_channelwise(step):  # a spanning unit passes its input's segments on
+            inner = _segments(steps, step.inputs[0])
+            if len(inner) > 1:
+                return inner
         return [(step.name, 0, step.units)]
     if isinstance(step, Merge) and step.kind == "Concatenate":
         return [seg for i in step.inputs for seg in _segments(steps, i)]

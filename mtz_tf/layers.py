@@ -539,3 +539,52 @@ class ChannelMajorFlatten(keras.layers.Layer):
         for dim in input_shape[1:]:
             size = None if dim is None or size is None else size * dim
         return (input_shape[0], size)
+
+
+@keras.saving.register_keras_serializable(package="mtz_tf")
+class SharedFirstConcatenate(keras.layers.Layer):
+    """Concatenates on the channel axis with every input's shared channels first.
+
+    Input i is laid out [shared channels (k_i); the task's own], as zipped layers write
+    them; the output is
+
+        [x_1[..., :k_1], ..., x_m[..., :k_m], x_1[..., k_1:], ..., x_m[..., k_m:]]
+
+    so that the shared channels of all inputs form one prefix of Σ k_i channels, which is
+    what the zipped layer reading the concatenation takes as its shared inputs (a DenseNet
+    block's concatenation of its earlier layers' outputs). For each task it is a fixed
+    permutation of the plain concatenation's channels; readers' kernel rows are kept in
+    this order.
+
+    Args:
+        shared_counts: list of int, k_i, the shared channels leading input i.
+        axis: int, the channel axis as the source ``Concatenate`` gave it (the last one).
+    """
+
+    def __init__(self, shared_counts, axis=-1, **kwargs):
+        kwargs.pop("loading_note", None)
+        super().__init__(**kwargs)
+        self.shared_counts = [int(k) for k in shared_counts]
+        self.axis = axis
+        if any(k < 0 for k in self.shared_counts):
+            raise ValueError(f"`shared_counts` must be non-negative. Received {shared_counts}")
+
+    def call(self, inputs):
+        if len(inputs) != len(self.shared_counts):
+            raise ValueError(
+                f"Layer {self.name!r} joins {len(self.shared_counts)} inputs (one shared count "
+                f"each). Received {len(inputs)}."
+            )
+        shared = [x[..., :k] for x, k in zip(inputs, self.shared_counts) if k]
+        own = [x[..., k:] for x, k in zip(inputs, self.shared_counts) if x.shape[-1] != k]
+        return ops.concatenate(shared + own, axis=-1)
+
+    def get_config(self):
+        config = {"loading_note": LOADING_NOTE, **super().get_config()}
+        config.update(shared_counts=self.shared_counts, axis=self.axis)
+        return config
+
+    def compute_output_shape(self, input_shapes):
+        widths = [shape[-1] for shape in input_shapes]
+        total = None if None in widths else sum(widths)
+        return tuple(input_shapes[0][:-1]) + (total,)

@@ -232,31 +232,39 @@ def permute_hidden(model: keras.Model, seed: int) -> keras.Model:
     groups = plan.zip_groups()
     units = plan.units
     rng = np.random.default_rng(seed)
+    orders = [rng.permutation(units[members[0]].units) for members in groups]
+    set_of = {u: g for g, members in enumerate(groups) for u in members}
     permuted = keras.models.clone_model(model)
     permuted.set_weights(model.get_weights())
-    for g, members in enumerate(groups):
-        order = rng.permutation(units[members[0]].units)
-        for u in members:
-            layer = permuted.get_layer(units[u].name)
-            if units[u].kind == "DepthwiseConv2D":  # kernel (kh, kw, C, 1)
+    for u, unit in enumerate(units):
+        segments = plan.input_segments(u, groups)
+        widths = [units[s].units for _, s in segments]
+        offsets = np.cumsum([0] + widths)[:-1]
+        # Its input channels in their writers' new order, segment by segment.
+        input_order = np.concatenate(
+            [offset + orders[g] for (g, _), offset in zip(segments, offsets)] + [np.zeros(0)]
+        ).astype(np.int64)
+        order = orders[set_of[u]] if u in set_of else input_order if plan.spans(u) else None
+        layer = permuted.get_layer(unit.name)
+        if order is not None:
+            if unit.kind == "DepthwiseConv2D":  # kernel (kh, kw, C, 1)
                 layer.kernel.assign(layer.kernel.numpy()[..., order, :])
-            elif units[u].kind != "BatchNormalization":  # a standalone BN has no kernel
+            elif unit.kind != "BatchNormalization":  # a standalone BN has no kernel
                 layer.kernel.assign(layer.kernel.numpy()[..., order])
-            if units[u].use_bias:
+            if unit.use_bias:
                 layer.bias.assign(layer.bias.numpy()[order])
-            if units[u].batch_norm:
-                bn = permuted.get_layer(units[u].batch_norm)
+            if unit.batch_norm:
+                bn = permuted.get_layer(unit.batch_norm)
                 for variable in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance):
                     variable.assign(variable.numpy()[order])
-        for r in (r for r in range(len(units)) if plan.input_group(r, groups) == g):
-            reader = permuted.get_layer(units[r].name)
-            kernel = reader.kernel.numpy()
-            if units[r].input_group > 1:  # Flatten order (h, w, c): permute c in every block
+        if segments and not graph.is_channelwise(unit):
+            kernel = layer.kernel.numpy()
+            if unit.input_group > 1:  # Flatten order (h, w, c): permute c in every block
                 n = kernel.shape[-1]
-                kernel = kernel.reshape(units[r].input_group, len(order), n)[:, order, :]
-                reader.kernel.assign(kernel.reshape(-1, n))
+                kernel = kernel.reshape(unit.input_group, len(input_order), n)[:, input_order]
+                layer.kernel.assign(kernel.reshape(-1, n))
             else:
-                reader.kernel.assign(kernel[..., order, :])
+                layer.kernel.assign(kernel[..., input_order, :])
     return permuted
 
 

@@ -21,7 +21,13 @@ import numpy as np
 import tensorflow as tf
 
 from mtz_tf import graph, layers
-from mtz_tf.layers import ChannelMajorFlatten, ZippedConv2D, ZippedDense, _ZippedLayer
+from mtz_tf.layers import (
+    ChannelMajorFlatten,
+    SharedFirstConcatenate,
+    ZippedConv2D,
+    ZippedDense,
+    _ZippedLayer,
+)
 
 BATCH_NORM_MODES = ("task", "fold")
 
@@ -263,6 +269,36 @@ def _pass_through(plan: graph.Plan, step: graph.PassThrough) -> keras.layers.Lay
     return getattr(keras.layers, step.kind).from_config(step.config)
 
 
+def shared_first_order(widths, shared) -> np.ndarray:
+    """The channel layout of a concatenation of segments of ``widths`` channels, segment i
+    leading with ``shared[i]`` shared ones, in :class:`SharedFirstConcatenate`'s order:
+    position p holds channel ``order[p]`` of the plain concatenation."""
+    offsets = np.cumsum([0] + [int(n) for n in widths])[:-1]
+    first = [o + np.arange(k) for o, k in zip(offsets, shared)]
+    rest = [o + np.arange(k, n) for o, k, n in zip(offsets, shared, widths)]
+    return np.concatenate(first + rest + [np.zeros(0)]).astype(np.int64)
+
+
+def laid_out_shares(plan: graph.Plan, states: list) -> dict:
+    """{hidden unit index: the shared count its channels lead with in the zipped network}:
+    its zip group's (the most any member shares yet: a group's count is laid out when its
+    first writer is tied)."""
+    shares = {}
+    for members in plan.zip_groups():
+        k = max(states[m].shared_units for m in members)
+        shares.update({m: k for m in members})
+    return shares
+
+
+def _concatenate(plan: graph.Plan, step: graph.Merge, shares: dict) -> keras.layers.Layer:
+    """A plan's ``Concatenate`` in the zipped network: plain while only its first input's
+    channels lead with shared ones, else :class:`SharedFirstConcatenate`."""
+    counts = [sum(shares[u] for u, _, _ in plan.unit_sources(i)) for i in step.inputs]
+    if not any(counts[1:]):
+        return keras.layers.Concatenate.from_config(step.config)
+    return SharedFirstConcatenate(counts, axis=step.config["axis"], name=step.name)
+
+
 def _per_task(layer: keras.layers.Layer, args: list, num_tasks: int):
     """Applies a weightless layer to one tensor per argument (each common to all tasks, or
     a list of T): once if all are common, else once per task."""
@@ -286,6 +322,7 @@ def build_model(
         tensors = {graph.MODEL_INPUT: inputs}
         built = []
         state_iter = iter(states)
+        shares = laid_out_shares(plan, states)
         for index, step in enumerate(plan.steps):
             args = [tensors[i] for i in step.inputs]
             if isinstance(step, graph.Unit):
@@ -293,6 +330,9 @@ def build_model(
                 layer = _layer(state, task_names)
                 tensors[index] = layer(args[0])
                 built.append((layer, state))
+            elif isinstance(step, graph.Merge) and step.kind == "Concatenate":
+                layer = _concatenate(plan, step, shares)
+                tensors[index] = _per_task(layer, args, len(task_names))
             elif isinstance(step, graph.Merge):
                 layer = getattr(keras.layers, step.kind).from_config(step.config)
                 tensors[index] = _per_task(layer, args, len(task_names))
@@ -352,7 +392,9 @@ def _comparable(function: tuple) -> tuple:
 
 def _layer_function(layer: keras.layers.Layer) -> tuple:
     """:func:`mtz_tf.graph.step_function` of a weightless layer of a zipped model."""
-    kind = "Flatten" if isinstance(layer, ChannelMajorFlatten) else type(layer).__name__
+    kind = {ChannelMajorFlatten: "Flatten", SharedFirstConcatenate: "Concatenate"}.get(
+        type(layer), type(layer).__name__
+    )
     config = layer.get_config()
     if kind == "Activation":
         config = {"activation": layer.activation}

@@ -10,10 +10,10 @@ refused with an error that names the first such layer.
 import keras
 import numpy as np
 import pytest
-from conftest import assert_close, with_batch_norm_statistics
+from conftest import assert_close, export_with_task_parity, with_batch_norm_statistics
 
 import mtz_tf
-from mtz_tf import data, graph, models
+from mtz_tf import data, graph, models, stack
 from mtz_tf.compress import ista
 from mtz_tf.compress import neuron_merging as nm
 
@@ -234,14 +234,107 @@ def test_ista_removes_dead_channels_of_resnet50_exactly(resnet50, images):
     assert_close(pruned(x), model(x))
 
 
+@pytest.fixture(scope="module")
+def densenet():
+    """keras.applications' DenseNet builder (which DenseNet121 calls with blocks [6, 12, 24,
+    16]) with blocks [2, 1, 1, 1]: nested concatenations, BatchNorms and 1×1 convolutions
+    reading several layers' outputs, transitions and a head on the whole concatenation."""
+    from keras.src.applications import densenet  # the public module has fixed depths only
+
+    keras.utils.set_random_seed(0)
+    model = densenet.DenseNet([2, 1, 1, 1], weights=None, input_shape=SHAPE, classes=10)
+    return _randomized_batch_norm(model, 2)
+
+
+def test_densenet_zipped_at_half_share_with_a_permuted_copy_is_the_original(
+    densenet, images, tmp_path
+):
+    """Concatenations are laid out shared-first: readers take every segment's shared
+    channels as one prefix, and half of each layer shared still recovers the original
+    exactly; each task's own model has the original's parameters, and it deploys."""
+    x, calibration = images
+    permuted = models.permute_hidden(densenet, seed=3)
+    expected = densenet(x)
+    assert_close(permuted(x), expected)
+    zipped, report = mtz_tf.zip_models(
+        {"a": densenet, "b": permuted}, {"a": calibration, "b": calibration}, share=0.5,
+        verbose=0,
+    )
+    assert any(isinstance(layer, mtz_tf.layers.SharedFirstConcatenate) for layer in zipped.layers)
+    assert_close(zipped(x), {"a": expected, "b": expected})
+    assert max(layer.merge_cost for layer in report.layers) < 1e-8
+    spanning = report.layers[[u.name for u in graph.read_plan(densenet).units].index("pool2_bn")]
+    blocks = ("conv1_conv", "conv2_block1_2_conv", "conv2_block2_2_conv")
+    by_name = {layer.name: layer.shared for layer in report.layers}
+    assert spanning.shared == sum(by_name[name] for name in blocks)
+    for task in ("a", "b"):
+        assert stack.task_model(zipped, task).count_params() == densenet.count_params()
+    counts = stack.parameter_counts(zipped)
+    assert densenet.count_params() < counts["total"] < 2 * densenet.count_params()
+    loaded = keras.saving.load_model(_saved(zipped, tmp_path / "zipped.keras"))
+    assert_close(loaded(x), zipped(x))
+    export_with_task_parity(zipped, str(tmp_path / "export"), x)
+
+
+@pytest.mark.slow
+def test_densenet_takes_a_third_task_joining_at_the_shared_first_layout(densenet, images):
+    """A task joining a zipped DenseNet takes the concatenations' shared-first layout; a
+    permuted copy ties to the shared neurons at no cost and every task keeps its outputs."""
+    x, calibration = images
+    copies = {name: models.permute_hidden(densenet, seed) for name, seed in (("b", 3), ("c", 5))}
+    data_of = {task: calibration for task in ("a", "b", "c")}
+    zipped, _ = mtz_tf.zip_models(
+        {"a": densenet, "b": copies["b"]}, {"a": calibration, "b": calibration}, share=0.5,
+        verbose=0,
+    )
+    joined, report = mtz_tf.add_task(zipped, "c", copies["c"], data_of, verbose=0)
+    expected = densenet(x)
+    assert_close(joined(x), {task: expected for task in ("a", "b", "c")})
+    assert max(layer.merge_cost for layer in report.layers) < 1e-8
+
+
+def test_neuron_merging_and_ista_prune_densenet_bottlenecks(densenet, images):
+    """Each dense layer's 1×1 bottleneck convolution is prunable (its channels go to its
+    BatchNorm and the 3×3 convolution only); layers whose outputs are concatenated are not.
+    ISTA removes a bottleneck's dead channels exactly."""
+    x, _ = images
+    assert nm.prunable_layers(densenet) == [
+        "conv2_block1_1_conv",
+        "conv2_block2_1_conv",
+        "conv3_block1_1_conv",
+        "conv4_block1_1_conv",
+        "conv5_block1_1_conv",
+    ]
+    smaller, report = nm.compress(densenet, 0.5)
+    assert {entry.name: entry.kept for entry in report}["conv2_block1_1_conv"] == 64
+    assert smaller.get_layer("conv2_block1_2_conv").kernel.shape[-2] == 64
+    assert smaller.count_params() < 0.8 * densenet.count_params()
+    model = keras.models.clone_model(densenet)
+    model.set_weights(densenet.get_weights())
+    bn = model.get_layer("conv3_block1_1_bn")
+    gamma, beta = bn.gamma.numpy(), bn.beta.numpy()
+    gamma[:5], beta[:5] = 0.0, -0.5  # relu(-0.5) = 0: the channels carry nothing
+    bn.gamma.assign(gamma)
+    bn.beta.assign(beta)
+    removed = ista.remove_zero_channels(model)
+    assert removed.get_layer("conv3_block1_1_conv").filters == 128 - 5
+    assert_close(removed(x), model(x))
+
+
+def _saved(model, path):
+    model.save(path)
+    return path
+
+
 @pytest.mark.parametrize(
     "build, first_refused",
     [
-        (lambda: keras.applications.DenseNet121, "['conv2_block2_0_bn', 'conv2_block3_0_bn'"),
+        # Separable convolutions (depthwise and pointwise in one layer); 71×71 at least.
+        (lambda: keras.applications.Xception(weights=None, input_shape=(71, 71, 3)), "block2_sepconv1"),
     ],
 )
 def test_families_not_read_yet_are_refused_by_their_first_layer(build, first_refused):
-    model = build()(weights=None, input_shape=SHAPE, classes=10)
+    model = build()
     lines = []
     assert not mtz_tf.describe(model, print_fn=lines.append)
     assert first_refused in lines[0]

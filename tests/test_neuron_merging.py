@@ -462,3 +462,36 @@ def test_output_units_are_never_pruned(separate_softmax):
     assert [merged.get_layer(n).units for n in ("h1", "h2", "predictions")] == [4, 4, 4]
     with pytest.raises(ValueError, match="'predictions': its units are the model's output"):
         nm.compress(model, {"predictions": 0.5})
+
+
+def test_prune_only_takes_a_standalone_batch_norm_with_the_channels_it_normalizes():
+    """A BatchNorm reached through an activation (not the layer's own) is an affine map per
+    channel: pruning slices its parameters with the channels; merging through it, whose
+    offset a kept channel's multiple does not pass, is refused."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(6, 3, activation="relu", name="c1")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="c2")(h))
+    rng = np.random.default_rng(1)
+    model.get_layer("c1").bias.assign(rng.normal(size=6))
+    bn = model.get_layer("bn")
+    for variable, values in zip(
+        (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance),
+        (rng.uniform(0.5, 1.5, 6), rng.normal(size=6), rng.normal(size=6), rng.uniform(0.5, 2, 6)),
+    ):
+        variable.assign(values)
+    pruned, _ = nm.compress(model, {"c1": 0.5}, criterion="l1-norm", merge=False)
+    kernel, bias = (w for w in model.get_layer("c1").get_weights())
+    vectors = np.concatenate([kernel.reshape(-1, 6).T, bias[:, None]], axis=1)
+    keep = np.sort(np.argsort(-np.abs(vectors).sum(axis=1))[:3])
+    # The reference: the same graph at width 3, built from the kept channels' weights.
+    reference = keras.models.clone_model(pruned)
+    reference.get_layer("c1").set_weights([kernel[..., keep], bias[keep]])
+    reference.get_layer("bn").set_weights([w[keep] for w in bn.get_weights()])
+    c2 = model.get_layer("c2").get_weights()
+    reference.get_layer("c2").set_weights([c2[0][:, :, keep, :], c2[1]])
+    x = _x((8, 8, 3))
+    assert_close(pruned(x), reference(x))
+    with pytest.raises(ValueError, match="BatchNormalization reached through other layers"):
+        nm.compress(model, {"c1": 0.5})

@@ -80,6 +80,10 @@ _AFFINE = "scalar Rescaling with an offset or a negative scale"
 """x·s + o on every channel (MobileNetV3's hard sigmoid, :mod:`mtz_tf.scalar_ops`):
 pruning passes through it, a positive per-channel scale does not."""
 
+_STANDALONE_BATCH_NORM = "a BatchNormalization reached through other layers"
+"""A BatchNorm that is not the layer's own (DenseNet's before each block): an affine map
+per channel, whose parameters go with a pruned channel but whose offset stops merging."""
+
 HOMOGENEOUS_ACTIVATIONS = frozenset({"linear", "relu", "leaky_relu"})
 """Activations f with f(z·t) = z·f(t) for every z > 0: merging through them is exact."""
 
@@ -435,18 +439,15 @@ def _trace(
             elif isinstance(reader, keras.layers.BatchNormalization):
                 axis = reader.axis if isinstance(reader.axis, int) else reader.axis[0]
                 rank = len(reader.input.shape)
-                if current is not layer or len(readers) != 1 or activations:
-                    return _Blocked(
-                        name,
-                        "unsupported",
-                        f"BatchNormalization {reader.name!r} must directly and solely follow "
-                        f"{name!r}, before any activation",
-                    )
                 if axis not in (-1, rank - 1):
                     return _Blocked(
                         name, "unsupported", f"BatchNormalization {reader.name!r} has axis={axis}"
                     )
-                batch_norm = reader.name
+                if current is layer and len(readers) == 1 and not activations:
+                    batch_norm = reader.name  # the layer's own BatchNorm
+                else:  # a standalone one (DenseNet's, before each block): channel by channel
+                    channelwise.append(reader.name)
+                    activations.append(_STANDALONE_BATCH_NORM)
                 stack.append((reader, flat))
             elif (activation := _activation_of(reader)) is not None:
                 if activation != _CAPPED_RELU and not activation_lib.is_elementwise(activation):
