@@ -1,7 +1,7 @@
 """Prunes (and merges) the neurons of one classifier, data-free, and reports accuracy and size.
 
 Neuron Merging (Kim et al., NeurIPS 2020): every prunable hidden Dense/Conv2D layer loses
-``--ratio`` of its neurons by ``--criterion``; with ``--mode=merge`` each pruned neuron is
+``--prune_fraction`` of its neurons by ``--criterion``; with ``--mode=merge`` each pruned neuron is
 folded into its most similar kept neuron, so no fine-tuning is needed. The model comes from a
 ``.keras`` file or, as published by the paper, a LeNet-300-100 in PyTorch layout (``.npz``).
 
@@ -9,10 +9,10 @@ Examples:
 
   python experiments/merge_neurons.py \\
       --torch_npz=../shared/data/lenet300100_fashion_mnist_torch.npz \\
-      --criterion=l1-norm --ratio=0.7 --mode=merge --threshold=0.45
+      --criterion=l1-norm --prune_fraction=0.7 --mode=merge --threshold=0.45
 
   python experiments/merge_neurons.py --model=artifacts/neuron_merging/vgg16.keras \\
-      --ratio=0.5 --threshold=0.1 --lamda=0.85 --output=/tmp/vgg16_merged.keras
+      --prune_fraction=0.5 --threshold=0.1 --lamda=0.85 --output=/tmp/vgg16_merged.keras
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ flags.DEFINE_string(
 )
 flags.DEFINE_enum("criterion", "l1-norm", list(criteria.CRITERIA), "Which neurons to keep.")
 flags.DEFINE_float(
-    "ratio", 0.5, "Fraction of neurons removed from every prunable layer, in [0, 1)."
+    "prune_fraction", 0.5, "Fraction of neurons removed from every prunable layer, in [0, 1)."
 )
 flags.DEFINE_list(
-    "layer_ratios",
+    "layer_prune_fractions",
     None,
-    "Per-layer ratios NAME=RATIO,... instead of --ratio (other layers are left alone).",
+    "Per-layer fractions NAME=FRACTION,... instead of --prune_fraction (other layers are left "
+    "alone).",
 )
 flags.DEFINE_float(
     "threshold",
@@ -68,7 +69,9 @@ flags.DEFINE_enum(
     ["symmetric", "unit"],
     "Input scaling the model was trained with: (x/255-0.5)/0.5 or x/255.",
 )
-flags.register_validator("ratio", lambda r: 0.0 <= r < 1.0, "--ratio must be in [0, 1).")
+flags.register_validator(
+    "prune_fraction", lambda r: 0.0 <= r < 1.0, "--prune_fraction must be in [0, 1)."
+)
 flags.register_validator("lamda", lambda v: 0.0 <= v <= 1.0, "--lamda must be in [0, 1].")
 flags.DEFINE_string("output", None, "Where to save the compressed model (.keras).")
 flags.DEFINE_string("results_json", None, "Where to write the configuration and results.")
@@ -82,16 +85,18 @@ def _load_model() -> keras.Model:
     return keras.models.load_model(FLAGS.model)
 
 
-def _ratio():
-    if not FLAGS.layer_ratios:
-        return FLAGS.ratio
-    ratios = {}
-    for item in FLAGS.layer_ratios:
+def _prune_fraction():
+    if not FLAGS.layer_prune_fractions:
+        return FLAGS.prune_fraction
+    fractions = {}
+    for item in FLAGS.layer_prune_fractions:
         name, sep, value = item.partition("=")
         if not sep:
-            raise app.UsageError(f"--layer_ratios entries must be NAME=RATIO. Received: {item!r}")
-        ratios[name] = float(value)
-    return ratios
+            raise app.UsageError(
+                f"--layer_prune_fractions entries must be NAME=FRACTION. Received: {item!r}"
+            )
+        fractions[name] = float(value)
+    return fractions
 
 
 def main(argv):
@@ -102,9 +107,9 @@ def main(argv):
     images, labels = data.load(FLAGS.dataset, split="test", data_dir=FLAGS.data_dir)
     x = data.normalize(images, FLAGS.normalization)
     before = training.accuracy(model, x, labels)
-    compressed, reports = neuron_merging.compress(
+    compressed, report = neuron_merging.compress(
         model,
-        _ratio(),
+        _prune_fraction(),
         criterion=FLAGS.criterion,
         merge=FLAGS.mode == "merge",
         threshold=FLAGS.threshold,
@@ -112,7 +117,7 @@ def main(argv):
         scale=FLAGS.scale,
     )
     after = training.accuracy(compressed, x, labels)
-    for r in reports:
+    for r in report.layers:
         cli.logger.info(
             "%s: %d -> %d neurons (%d merged, %d only pruned)",
             r.name,
@@ -127,7 +132,7 @@ def main(argv):
         "accuracy_after": after,
         "params_before": int(model.count_params()),
         "params_after": int(compressed.count_params()),
-        "layers": [r.__dict__ for r in reports],
+        "layers": [r.__dict__ for r in report.layers],
     }
     print(
         f"test accuracy {100 * before:.2f}% -> {100 * after:.2f}%; parameters "

@@ -99,10 +99,10 @@ flags.DEFINE_enum(
 )
 
 VARIANTS = (
-    ("(a) random pairing + average", dict(criterion="random", merge="average")),
-    ("(b) weight distance + average", dict(criterion="euclidean", merge="average")),
-    ("(c) MTZ greedy", dict(criterion="hessian", merge="hessian", matching="greedy")),
-    ("(d) MTZ optimal", dict(criterion="hessian", merge="hessian", matching="optimal")),
+    ("(a) random pairing + average", dict(pairing="random", tie="average")),
+    ("(b) weight distance + average", dict(pairing="euclidean", tie="average")),
+    ("(c) MTZ greedy", dict(pairing="hessian", tie="hessian", matching="greedy")),
+    ("(d) MTZ optimal", dict(pairing="hessian", tie="hessian", matching="optimal")),
 )
 CONV_VARIANTS = (
     ("(c') MTZ greedy, patch Hessian", dict(matching="greedy", hessian="patch")),
@@ -243,7 +243,7 @@ def zip_merge_experiment() -> str:
     zipped, _ = mtz_tf.zip_models(
         originals, calibration, matching="optimal", retrain=retrain, verbose=0
     )
-    trunk = mtz_tf.stack.multi_head_model(zipped)
+    trunk = mtz_tf.zipped_network.multi_head_model(zipped)
     x_test, y_test = splits["test"]
 
     def accuracies(model_by_task):

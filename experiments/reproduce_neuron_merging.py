@@ -79,7 +79,7 @@ def run_lenet300() -> None:
         for ratio in LENET300_RATIOS:
             row = {"criterion": criterion, "ratio": ratio}
             for mode in ("prune", "merge"):
-                compressed, reports = neuron_merging.compress(
+                compressed, report = neuron_merging.compress(
                     model,
                     ratio,
                     criterion=criterion,
@@ -89,8 +89,8 @@ def run_lenet300() -> None:
                 row[mode] = training.accuracy(compressed, x, labels)
                 row["params"] = int(compressed.count_params())
                 if mode == "merge":
-                    row["merged"] = {r.name: r.merged for r in reports}
-                    row["kept"] = {r.name: r.kept for r in reports}
+                    row["merged"] = {r.name: r.merged for r in report.layers}
+                    row["kept"] = {r.name: r.kept for r in report.layers}
             cli.logger.info(
                 "%s %.1f: prune %.4f merge %.4f", criterion, ratio, row["prune"], row["merge"]
             )
@@ -197,7 +197,7 @@ def _sweep(model, val, test, settings, thresholds, criterion="l1-norm"):
             best = None
             row[f"merge_{scale}_val_by_threshold"] = {}
             for threshold in thresholds:
-                merged, reports = neuron_merging.compress(
+                merged, report = neuron_merging.compress(
                     model,
                     ratio,
                     criterion=criterion,
@@ -207,12 +207,12 @@ def _sweep(model, val, test, settings, thresholds, criterion="l1-norm"):
                 val_acc = training.accuracy(merged, *val)
                 row[f"merge_{scale}_val_by_threshold"][str(threshold)] = val_acc
                 if best is None or val_acc > best[0]:
-                    best = (val_acc, threshold, merged, reports)
-            val_acc, threshold, merged, reports = best
+                    best = (val_acc, threshold, merged, report)
+            val_acc, threshold, merged, report = best
             row[f"merge_{scale}_val"] = val_acc
             row[f"merge_{scale}_threshold"] = threshold
             row[f"merge_{scale}_test"] = training.accuracy(merged, *test)
-            row[f"merge_{scale}_merged"] = {r.name: [r.kept, r.merged] for r in reports}
+            row[f"merge_{scale}_merged"] = {r.name: [r.kept, r.merged] for r in report.layers}
         cli.logger.info("%s: %s", label, row)
         rows.append(row)
     return rows

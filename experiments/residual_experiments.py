@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 import mtz_tf
-from mtz_tf import cli, data, deploy_report, io_utils, models, stack, training
+from mtz_tf import cli, data, deploy_report, io_utils, models, training, zipped_network
 from mtz_tf.compress import flops
 
 
@@ -245,8 +245,8 @@ def different_task_experiment(
                     "retrained": retrained,
                     "test_accuracy": mtz_tf.retrain.task_accuracies(zipped, test_sets),
                     "parameters": report.parameters["total"],
-                    "shared_parameter_fraction": mtz_tf.shared_fraction(zipped),
-                    "macs": stack.multiply_accumulates(zipped),
+                    "shared_parameter_fraction": mtz_tf.shared_parameter_fraction(zipped),
+                    "macs": zipped_network.multiply_accumulates(zipped),
                     "retrain_iterations": report.retrain_steps,
                     "merge_cost": sum(layer.merge_cost for layer in report.layers),
                     "alignment_seconds": report.alignment_seconds,

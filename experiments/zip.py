@@ -39,8 +39,10 @@ flags.DEFINE_string(
     "per-layer counts/fractions like 'fc1=200,fc2=0.5'.",
 )
 flags.DEFINE_enum("matching", "greedy", list(mtz_tf.matching.METHODS), "Neuron matching.")
-flags.DEFINE_enum("criterion", "hessian", list(zipper.CRITERIA), "Pairing criterion.")
-flags.DEFINE_enum("merge", "hessian", list(zipper.MERGES), "How tied weights are merged.")
+flags.DEFINE_enum(
+    "pairing", "hessian", list(zipper.PAIRINGS), "How neurons are paired (MTZ cost or a baseline)."
+)
+flags.DEFINE_enum("tie", "hessian", list(zipper.TIES), "The weights of a tied pair.")
 flags.DEFINE_float(
     "damping",
     mtz_tf.cost.DEFAULT_DAMPING,
@@ -102,20 +104,20 @@ def main(argv):
     if FLAGS.retrain_steps:
         retrain = mtz_tf.Retrain(train, FLAGS.retrain_steps, optimizer=optimizer())
     cli.logger.info(
-        "Zipping %s with share=%s, matching=%s, criterion=%s, merge=%s",
+        "Zipping %s with share=%s, matching=%s, pairing=%s, tie=%s",
         tasks,
         FLAGS.share,
         FLAGS.matching,
-        FLAGS.criterion,
-        FLAGS.merge,
+        FLAGS.pairing,
+        FLAGS.tie,
     )
     zipped, report = mtz_tf.zip_models(
         models,
         calibration,
         share=zipper.parse_share(FLAGS.share),
         matching=FLAGS.matching,
-        criterion=FLAGS.criterion,
-        merge=FLAGS.merge,
+        pairing=FLAGS.pairing,
+        tie=FLAGS.tie,
         retrain=retrain,
         evaluation=evaluation,
         checkpoint_dir=FLAGS.checkpoint_dir,

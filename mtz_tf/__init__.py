@@ -4,7 +4,7 @@ The public API: :func:`zip_models` and :func:`add_task` with :class:`Retrain`,
 :func:`describe` (what zipping will do with a model), the zipped
 layers (:class:`ZippedDense`, :class:`ZippedConv2D`), deployment (:func:`export`,
 :func:`deployment_report`), and the modules ``data``, ``models``, ``hessian``, ``cost``,
-``matching``, ``graph``, ``stack``, ``training``, and ``progress`` (where progress
+``matching``, ``graph``, ``zipped_network``, ``training``, and ``progress`` (where progress
 messages go: the ``mtz_tf`` logger).
 """
 
@@ -19,10 +19,10 @@ from mtz_tf import (
     matching,
     models,
     progress,
-    stack,
     training,
+    zipped_network,
 )
-from mtz_tf.allocation import ShareBudget, shared_fraction
+from mtz_tf.allocation import ShareBudget, shared_parameter_fraction
 from mtz_tf.deploy_report import DeploymentReport, deployment_report, size_speed_report
 from mtz_tf.exporter import ParityError, export
 from mtz_tf.graph import describe
@@ -58,9 +58,9 @@ __all__ = [
     "matching",
     "models",
     "progress",
-    "shared_fraction",
+    "shared_parameter_fraction",
     "size_speed_report",
-    "stack",
+    "zipped_network",
     "training",
     "zip_models",
 ]

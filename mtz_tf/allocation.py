@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mtz_tf import driver, stack
+from mtz_tf import driver, zipped_network
 from mtz_tf.report import ZipReport
 
 
@@ -59,10 +59,10 @@ LOG_THRESHOLD_RANGE = (-12.0, 12.0)
 """The interval of log10 λ searched by :func:`allocate`."""
 
 
-def shared_fraction(model) -> float:
+def shared_parameter_fraction(model) -> float:
     """Σ_t (shared parameters task t uses) / Σ_t (parameters of task t's view)."""
     shared_total = uses = 0
-    for layer in stack.zipped_layers(model):
+    for layer in zipped_network.zipped_layers(model):
         shared, specific = layer.parameter_counts()
         users = sum(1 for t in range(len(layer.task_names)) if layer.shared_count(t))
         shared_total += shared * users
@@ -94,7 +94,11 @@ def _threshold_pass(plans, models, states, calibration, config, widths, lam):
         threshold=lam,
     )
     counts = [state.shared_units for state in states[: len(widths)]]
-    return counts, sum(layer.merge_cost for layer in report.layers), shared_fraction(model)
+    return (
+        counts,
+        sum(layer.merge_cost for layer in report.layers),
+        shared_parameter_fraction(model),
+    )
 
 
 def allocate(plans, models, calibration, budget: ShareBudget, config, batch_norm, widths):
@@ -106,7 +110,7 @@ def allocate(plans, models, calibration, budget: ShareBudget, config, batch_norm
     by_parameters = budget.parameters is not None
 
     def run(lam):
-        states = stack.separate_states(plans, models, batch_norm)
+        states = zipped_network.separate_states(plans, models, batch_norm)
         return _threshold_pass(plans, models, states, calibration, config, widths, lam)
 
     def meets(result):
@@ -139,5 +143,5 @@ def allocate(plans, models, calibration, budget: ShareBudget, config, batch_norm
         "threshold": lam,
         "counts": counts,
         "estimated_merge_cost": total,
-        "estimated_shared_fraction": fraction,
+        "estimated_shared_parameter_fraction": fraction,
     }

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import cost, graph, hessian, layer_zip, stack
+from mtz_tf import cost, graph, hessian, layer_zip, zipped_network
 from mtz_tf import matching as matching_lib
 from mtz_tf.retrain import after_layer
 
@@ -89,8 +89,10 @@ def topology(plan: graph.Plan, shares: list[int]) -> _Topology:
     source = {u: segs[0][0] if len(segs) == 1 else None for u, segs in inputs.items()}
     segments = {u: segs for u, segs in inputs.items() if len(segs) > 1}
     readers = {g: [u for u, s in source.items() if s == g] for g in range(len(groups))}
-    followers = {g: sorted({u for u, segs in segments.items() if g in dict(segs)}) for g in
-                 range(len(groups))}
+    followers = {
+        g: sorted({u for u, segs in segments.items() if g in dict(segs)})
+        for g in range(len(groups))
+    }
     for u in segments:
         others = [w for w in groups[group_of[u]] if w != u] if u in group_of else []
         if any(not graph.is_channelwise(plan.units[w]) for w in others):
@@ -112,12 +114,12 @@ def topology(plan: graph.Plan, shares: list[int]) -> _Topology:
     return _Topology(groups, group_of, source, readers, per_group, segments, followers, set())
 
 
-def _full(state: stack.LayerState) -> stack.LayerState:
+def _full(state: zipped_network.LayerState) -> zipped_network.LayerState:
     """``state`` seen with all its input rows aligned (for layouts of whole kernels)."""
     return dataclasses.replace(state, input_shared_units=state.kernels[0].shape[-2])
 
 
-def _hessian_index(state: stack.LayerState, channels: np.ndarray, mode: str) -> np.ndarray:
+def _hessian_index(state: zipped_network.LayerState, channels: np.ndarray, mode: str) -> np.ndarray:
     """Rows/columns of the layer-input Hessian that input channels ``channels`` occupy (in
     that order), the bias row last."""
     if state.kind == "Dense":
@@ -132,7 +134,7 @@ def _hessian_index(state: stack.LayerState, channels: np.ndarray, mode: str) -> 
     return np.append(rows, size) if state.use_bias else rows
 
 
-def _row_index(state: stack.LayerState, channels: np.ndarray) -> np.ndarray:
+def _row_index(state: zipped_network.LayerState, channels: np.ndarray) -> np.ndarray:
     """Kernel input rows (axis −2) of input channels ``channels``."""
     group = state.input_group
     return (channels[:, None] * group + np.arange(group)).ravel()
@@ -337,9 +339,9 @@ def _newcomer_alignment(plan, zipped, old_task, task, model, newcomer, top, cali
     task's view, on their own Hessians; returns (pair_states, original, provisional)."""
     mode = config["hessian"]
     hidden = len(plan.hidden_units)
-    zipped_states = stack.read_states(zipped, plan)[:hidden]
+    zipped_states = zipped_network.read_states(zipped, plan)[:hidden]
     pair_states = []
-    for layer, own in zip(stack.zipped_layers(zipped)[:hidden], newcomer):
+    for layer, own in zip(zipped_network.zipped_layers(zipped)[:hidden], newcomer):
         kernel, bias = layer.task_weights(old_task)
         kernel = np.asarray(kernel, np.float64)
         bias = np.zeros(kernel.shape[-1]) if bias is None else np.asarray(bias, np.float64)
@@ -355,7 +357,7 @@ def _newcomer_alignment(plan, zipped, old_task, task, model, newcomer, top, cali
     whole_inputs = [_full(dataclasses.replace(s, kernels=s.kernels[:1])) for s in zipped_states]
     view_hessians = layer_zip.layers_hessians(
         zipped,
-        stack.zipped_layers(zipped)[:hidden],
+        zipped_network.zipped_layers(zipped)[:hidden],
         whole_inputs,
         {old_task: calibration[old_task]},
         mode,
@@ -420,7 +422,7 @@ def _relayout(states, f, t, top, before: set, after: set, orders: dict) -> None:
             )
 
     def layout(laid):
-        return stack.shared_first_order(
+        return zipped_network.shared_first_order(
             widths, [top.shares[g] if g in laid else 0 for g, _ in segments]
         )
 
@@ -438,7 +440,7 @@ def _relayout(states, f, t, top, before: set, after: set, orders: dict) -> None:
         state.kernels[t] = state.kernels[t][..., _row_index(state, index), :]
 
 
-def tie_unit(state: stack.LayerState, k: int, hessians, config, joining=None) -> float:
+def tie_unit(state: zipped_network.LayerState, k: int, hessians, config, joining=None) -> float:
     """Ties the first k neurons of every task in ``joining`` (default: all) into k shared
     ones, in place; returns the summed cost ½ Σ_t (w_t − w̃)ᵀ H_t (w_t − w̃) (true Hessians
     whatever the merge).
@@ -463,7 +465,7 @@ def tie_unit(state: stack.LayerState, k: int, hessians, config, joining=None) ->
         )
         weights.insert(0, layer_zip.neurons(tf.add_n([hessians[t] for t in members]), slice(k)))
         sizes.insert(0, len(members))
-    if config["merge"] == "hessian":
+    if config["tie"] == "hessian":
         merged = cost.merged_weights(layouts, weights, damping).numpy()
     else:
         merged = np.average(layouts, axis=0, weights=sizes)
@@ -513,7 +515,7 @@ def zip_graph(
     """Zips every hidden unit of a residual network (module docstring); returns the model.
 
     Arguments as :func:`mtz_tf.zipper.zip_models`'s internals: ``states`` from
-    :func:`mtz_tf.stack.separate_states`, ``shares`` one count per hidden unit. With a
+    :func:`mtz_tf.zipped_network.separate_states`, ``shares`` one count per hidden unit. With a
     ``threshold`` λ each stream's count is chosen by :func:`decide_group` instead (the
     allocation pass of :mod:`mtz_tf.allocation`; ``shares`` are then upper bounds).
     ``resume=(states, completed)`` continues a checkpointed zip whose first ``completed``
@@ -524,7 +526,7 @@ def zip_graph(
     top = topology(plan, shares)
     began = time.time()
     original = provisional = None
-    if any(len(members) > 1 for members in top.groups) and config["criterion"] != "random":
+    if any(len(members) > 1 for members in top.groups) and config["pairing"] != "random":
         original = original_hessians(plans, models, states, calibration, config["hessian"])
         rng = np.random.default_rng([config["seed"], 7])
         provisional = provisional_alignment(top, states, original, config, rng)
@@ -566,13 +568,13 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
     top.laid_out |= decided
     retrain_offset = sum(layer.retrain_steps for layer in report.layers)
     propagate_common(plan, states)
-    model = stack.build_model(plan, task_names, states)
+    model = zipped_network.build_model(plan, task_names, states)
     for u in range(start, len(plan.hidden_units)):
         began = time.time()
         g = top.group_of.get(u)  # None for a spanning unit: its order is its inputs'
         writers = top.groups[g] if g is not None and g not in decided else (u,)
         aligned = [w for w in writers if top.inputs_decided(w, decided)]
-        layers = stack.zipped_layers(model)
+        layers = zipped_network.zipped_layers(model)
         hessians = layer_zip.layers_hessians(
             model,
             [layers[w] for w in aligned],
@@ -589,7 +591,7 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
         merge_cost = tie_unit(states[u], top.unit_share(u), current[u], config, joining)
         propagate_common(plan, states)
         timings["merge"] = time.time() - began - sum(timings.values())
-        model = stack.build_model(plan, task_names, states)
+        model = zipped_network.build_model(plan, task_names, states)
         timings["rebuild"] = time.time() - began - sum(timings.values())
         layer_report, retrain_offset = after_layer(
             model,

@@ -6,7 +6,7 @@
 * ``saved_model/``: a TF SavedModel whose ``serve`` signature maps one input to the dict
   of all task outputs, and, for a multi-task model (dict outputs), one ``serve_<task>``
   signature per task that computes only what that task needs (its graph is
-  :func:`mtz_tf.stack.task_model`, so the other tasks' specific neurons are not computed);
+  :func:`mtz_tf.zipped_network.task_model`, so the other tasks' specific neurons are not computed);
 * ``model.tflite``: one TFLite model with all task outputs (signature ``serve``), and on
   request ``model_<task>.tflite`` per task (signature ``serve_<task>``), optionally
   quantized (``"dynamic"`` range or full ``"int8"`` with float input and output);
@@ -168,7 +168,7 @@ def task_functions(model: keras.Model) -> dict:
 
     * A chain of zipped layers: a function running the model's own layers for one task,
       reading its variables (an endpoint costs no extra weights).
-    * Any other model with zipped layers: :func:`mtz_tf.stack.task_model` (plain layers
+    * Any other model with zipped layers: :func:`mtz_tf.zipped_network.task_model` (plain layers
       holding a copy of the task's view of the weights).
     * A model without zipped layers (e.g. a shared trunk with one head per task): the
       functional sub-model from the input to the task's output, which runs only the layers
@@ -176,7 +176,7 @@ def task_functions(model: keras.Model) -> dict:
 
     Parity checks of every ``serve_<task>`` endpoint catch any of these being wrong.
     """
-    from mtz_tf import stack  # Lazy: only multi-task models need it.
+    from mtz_tf import zipped_network  # Lazy: only multi-task models need it.
 
     if not isinstance(model.output, Mapping):
         return {}
@@ -188,12 +188,13 @@ def task_functions(model: keras.Model) -> dict:
             continue
         if _has_zipped_layers(model):
             try:
-                result[task] = stack.task_model(model, task)
+                result[task] = zipped_network.task_model(model, task)
                 continue
             except (TypeError, ValueError, NotImplementedError, AttributeError) as e:
                 _LOG.warning(
-                    "stack.task_model cannot split task %r (%s); serve_%s uses the functional "
-                    "sub-model instead, which also computes other tasks' zipped neurons.",
+                    "zipped_network.task_model cannot split task %r (%s); serve_%s uses the "
+                    "functional sub-model instead, which also computes other tasks' zipped "
+                    "neurons.",
                     task,
                     e,
                     task,

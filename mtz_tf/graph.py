@@ -253,9 +253,7 @@ class Plan:
                 )
             grouped.update(members)
             result.append(tuple(sorted(members)))
-        result += [
-            (i,) for i in range(len(units) - 1) if i not in grouped and not self.spans(i)
-        ]
+        result += [(i,) for i in range(len(units) - 1) if i not in grouped and not self.spans(i)]
         return sorted(result, key=min)
 
     def input_segments(self, unit_index: int, groups: list[tuple]) -> list[tuple]:

@@ -21,11 +21,11 @@ import numpy as np
 import tensorflow as tf
 
 from mtz_tf import cost, graph, hessian
-from mtz_tf.stack import LayerState
+from mtz_tf.zipped_network import LayerState
 
 HESSIAN_MODES = ("channel", "patch")
-CRITERIA = ("hessian", "euclidean", "random")
-MERGES = ("hessian", "average")
+PAIRINGS = ("hessian", "euclidean", "random")
+TIES = ("hessian", "average")
 
 
 def patches(x: tf.Tensor, state: LayerState) -> tf.Tensor:
@@ -145,12 +145,12 @@ def unpack_merged(state: LayerState, merged: np.ndarray, mode: str):
 
 
 def pair_costs(w_group, w_t, h_group, h_t, config: dict, rng: np.random.Generator) -> np.ndarray:
-    """The (n_group, n_t) pairing costs under ``config["criterion"]``: the MTZ merge cost
+    """The (n_group, n_t) pairing costs under ``config["pairing"]``: the MTZ merge cost
     (``"hessian"``), the squared weight distance (``"euclidean"``, H = I) or uniform
     random numbers (``"random"``)."""
-    if config["criterion"] == "random":
+    if config["pairing"] == "random":
         return rng.random((w_group.shape[-1], w_t.shape[-1]))
-    if config["criterion"] == "euclidean":
+    if config["pairing"] == "euclidean":
         identity = [np.broadcast_to(np.eye(np.shape(h)[-1]), np.shape(h)) for h in (h_group, h_t)]
         h_group, h_t = identity
     return cost.merge_costs(w_group, w_t, h_group, h_t, config["damping"]).numpy()

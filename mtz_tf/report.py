@@ -58,8 +58,8 @@ class ZipReport:
     Attributes:
         tasks: list of task names.
         matching: str, ``"greedy"`` or ``"optimal"``.
-        criterion: str, pairing criterion (``"hessian"``, ``"euclidean"``, ``"random"``).
-        merge: str, ``"hessian"`` or ``"average"``.
+        pairing: str, how pairs are chosen (``"hessian"``, ``"euclidean"``, ``"random"``).
+        tie: str, the weights of a tied pair, ``"hessian"`` or ``"average"``.
         accuracy_original: {task: accuracy} of the input models, or None without labels.
         layers: list of :class:`LayerReport`, input to output.
         parameters: {"shared", "specific", "total", "input_models", "ratio"}; ratio is
@@ -73,8 +73,8 @@ class ZipReport:
 
     tasks: list
     matching: str
-    criterion: str = "hessian"
-    merge: str = "hessian"
+    pairing: str = "hessian"
+    tie: str = "hessian"
     accuracy_original: dict | None = None
     layers: list = dataclasses.field(default_factory=list)
     parameters: dict = dataclasses.field(default_factory=dict)

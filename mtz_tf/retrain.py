@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import stack
+from mtz_tf import zipped_network
 from mtz_tf.report import LayerReport
 
 _LOG = logging.getLogger(__name__)
@@ -358,7 +358,7 @@ def after_layer(
         retrain_jointly(
             model, retrain, steps, start_step=start_step, layer=plan.hidden_units[index].name
         )
-        states[:] = stack.read_states(model, plan)
+        states[:] = zipped_network.read_states(model, plan)
         if evaluation is not None:
             layer_report.accuracy_after_retraining = task_accuracies(model, evaluation)
     layer_report.retrain_steps = steps

@@ -29,9 +29,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import allocation, checkpoint, cost, driver, graph, layers, stack
+from mtz_tf import allocation, checkpoint, cost, driver, graph, layers, zipped_network
 from mtz_tf import matching as matching_lib
-from mtz_tf.layer_zip import CRITERIA, HESSIAN_MODES, MERGES
+from mtz_tf.layer_zip import HESSIAN_MODES, PAIRINGS, TIES
 from mtz_tf.report import ZipReport
 from mtz_tf.retrain import Retrain, check_labelled_data, task_accuracies
 
@@ -193,7 +193,7 @@ def parse_share(text: str):
 def _restored_states(model: keras.Model, plan: graph.Plan, directory: str) -> list:
     """The layer states of a checkpointed zipped model, checked against ``plan``."""
     try:
-        return stack.read_states(model, plan)
+        return zipped_network.read_states(model, plan)
     except (ValueError, KeyError, IndexError, AttributeError) as error:
         raise ValueError(
             f"The checkpoint in {directory!r} does not hold a zip of these models' "
@@ -201,20 +201,20 @@ def _restored_states(model: keras.Model, plan: graph.Plan, directory: str) -> li
         ) from None
 
 
-def _check_options(matching, criterion, merge, hessian, batch_norm) -> None:
+def _check_options(matching, pairing, tie, hessian, batch_norm) -> None:
     for value, allowed, flag in (
         (matching, matching_lib.METHODS, "matching"),
-        (criterion, CRITERIA, "criterion"),
-        (merge, MERGES, "merge"),
+        (pairing, PAIRINGS, "pairing"),
+        (tie, TIES, "tie"),
         (hessian, HESSIAN_MODES, "hessian"),
-        (batch_norm, stack.BATCH_NORM_MODES, "batch_norm"),
+        (batch_norm, zipped_network.BATCH_NORM_MODES, "batch_norm"),
     ):
         if value not in allowed:
             raise ValueError(f"`{flag}` must be one of {allowed}. Received: {flag}={value!r}")
 
 
 def _finish(zipped: keras.Model, report: ZipReport, input_params: int) -> None:
-    counts = stack.parameter_counts(zipped)
+    counts = zipped_network.parameter_counts(zipped)
     report.parameters = dict(
         counts, input_models=input_params, ratio=counts["total"] / input_params
     )
@@ -225,8 +225,8 @@ def zip_models(
     calibration: Mapping[str, tf.data.Dataset],
     share=1.0,
     matching: str = "greedy",
-    criterion: str = "hessian",
-    merge: str = "hessian",
+    pairing: str = "hessian",
+    tie: str = "hessian",
     hessian: str = "channel",
     batch_norm: str = "task",
     retrain: Retrain | None = None,
@@ -252,10 +252,10 @@ def zip_models(
             allocated across layers cheapest-first; the report gives the counts). With more
             than two models, all of them share the same neurons.
         matching: ``"greedy"`` (the paper) or ``"optimal"`` (exact min-cost matching).
-        criterion: how pairs are chosen: ``"hessian"`` (MTZ merge cost, default),
+        pairing: how neurons are paired: ``"hessian"`` (MTZ merge cost, default),
             ``"euclidean"`` (weight distance) or ``"random"`` (baselines).
-        merge: ``"hessian"`` (Hessian-weighted optimum, default) or ``"average"`` (plain
-            mean, a baseline).
+        tie: the weights of a tied pair: ``"hessian"`` (Hessian-weighted optimum,
+            default) or ``"average"`` (plain mean, a baseline).
         hessian: conv Hessian: ``"channel"`` (per-pixel channel covariance shared by all
             kernel positions, the reference code) or ``"patch"`` (exact im2col patches).
         batch_norm: ``"task"`` keeps each task's BatchNorm after a shared layer (reference
@@ -270,7 +270,7 @@ def zip_models(
             accuracy of the originals and before/after each layer's retraining.
         checkpoint_dir: str or None; saves after every layer and resumes from there.
         damping: float, relative Hessian damping (:mod:`mtz_tf.cost`).
-        seed: int, seeds the random pairing of ``criterion="random"``.
+        seed: int, seeds the random pairing of ``pairing="random"``.
         verbose: int, 0 silent, 1 one line per layer (plus Keras progress bars).
 
     Returns:
@@ -287,11 +287,11 @@ def zip_models(
     plans = _validate_models(models)
     task_names = list(models)
     _check_tasks(calibration, task_names, "calibration")
-    _check_options(matching, criterion, merge, hessian, batch_norm)
+    _check_options(matching, pairing, tie, hessian, batch_norm)
     config = dict(
         matching=matching,
-        criterion=criterion,
-        merge=merge,
+        pairing=pairing,
+        tie=tie,
         damping=damping,
         hessian=hessian,
         seed=seed,
@@ -317,11 +317,11 @@ def zip_models(
     report = ZipReport(
         tasks=task_names,
         matching=matching,
-        criterion=criterion,
-        merge=merge,
+        pairing=pairing,
+        tie=tie,
         share_allocation=allocation_info,
     )
-    states = stack.separate_states(plans, models, batch_norm)
+    states = zipped_network.separate_states(plans, models, batch_norm)
     start, resumed, save = 0, None, None
     if store is not None:
         options = dict(config, batch_norm=batch_norm)
@@ -339,7 +339,7 @@ def zip_models(
 
     if evaluation is not None and start == 0:
         report.accuracy_original = task_accuracies(
-            stack.build_model(plan, task_names, states), evaluation
+            zipped_network.build_model(plan, task_names, states), evaluation
         )
     zipped = driver.zip_graph(
         plan,
@@ -415,9 +415,11 @@ def add_task(
             f"{plan.input_shape}, but the zipped model takes {tuple(zipped.input.shape[1:])}; "
             "zipped tasks share one input."
         )
-    zipped_layers = stack.zipped_layers(zipped)
+    zipped_layers = zipped_network.zipped_layers(zipped)
     if len(zipped_layers) != len(plan.units) or any(
-        not isinstance(layer, getattr(layers, "Zipped" + stack.zipped_kind(unit.kind, True)))
+        not isinstance(
+            layer, getattr(layers, "Zipped" + zipped_network.zipped_kind(unit.kind, True))
+        )
         for layer, unit in zip(zipped_layers, plan.units)
     ):
         raise ValueError(
@@ -431,7 +433,7 @@ def add_task(
     # per-task BatchNorm needs it on the same layers.
     holds_batch_norm = any(layer.batch_norm for layer in zipped_layers)
     folded = not holds_batch_norm and any(unit.batch_norm for unit in plan.units)
-    difference = stack.zipped_difference(zipped, plan, folded)
+    difference = zipped_network.zipped_difference(zipped, plan, folded)
     if difference is not None:
         raise ValueError(
             f"Model {model.name!r} for new task {task!r} differs from the zipped model "
@@ -443,8 +445,10 @@ def add_task(
     _check_tasks(calibration, task_names, "calibration")
     _check_options(matching, "hessian", "hessian", hessian, "task")
     _check_side_data(evaluation, retrain, task_names)
-    newcomer = stack.separate_states({task: plan}, {task: model}, "fold" if folded else "task")
-    states = stack.read_states(zipped, plan)
+    newcomer = zipped_network.separate_states(
+        {task: plan}, {task: model}, "fold" if folded else "task"
+    )
+    states = zipped_network.read_states(zipped, plan)
     for state, own in zip(states, newcomer):
         if own.units[0] < state.shared_units:
             raise ValueError(
@@ -462,8 +466,8 @@ def add_task(
     calibration = _calibration_inputs(calibration, plan, task_names)
     config = dict(
         matching=matching,
-        criterion="hessian",
-        merge="hessian",
+        pairing="hessian",
+        tie="hessian",
         damping=damping,
         hessian=hessian,
         seed=0,
@@ -473,7 +477,7 @@ def add_task(
     result = driver.join_graph(
         plan, zipped, task, model, task_names, states, newcomer, calibration, config, run
     )
-    separate = sum(stack.task_model(zipped, t).count_params() for t in old_tasks)
+    separate = sum(zipped_network.task_model(zipped, t).count_params() for t in old_tasks)
     _finish(result, report, separate + model.count_params())
     return result, report
 

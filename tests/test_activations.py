@@ -90,7 +90,7 @@ def test_a_registered_custom_activation_is_computed_saved_and_kept(tmp_path):
     )
     assert_close(zipped(X)["a"], model_a(X))
     assert_close(zipped(X)["b"], model_b(X))
-    assert_close(mtz_tf.stack.task_model(zipped, "b")(X), model_b(X))
+    assert_close(mtz_tf.zipped_network.task_model(zipped, "b")(X), model_b(X))
     path = str(tmp_path / "z.keras")
     io_utils.save_model(zipped, path)
     assert_close(io_utils.load_model(path)(X)["a"], model_a(X))

@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_close, export_with_task_parity, with_batch_norm_statistics
 
 import mtz_tf
-from mtz_tf import data, graph, models, stack
+from mtz_tf import data, graph, models, zipped_network
 from mtz_tf.compress import ista
 from mtz_tf.compress import neuron_merging as nm
 
@@ -191,10 +191,10 @@ def test_neuron_merging_and_ista_prune_mobilenet_v3_small(mobilenet_v3, images):
     smaller, report = nm.compress(mobilenet_v3, 0.5, merge=False)
     # Blocks 8-10 run on 1×1 maps at 32×32, where a gate (B, 1, 1, C) cannot be told from
     # the feature map it scales: their expansions stay whole.
-    names = {entry.name for entry in report}
+    names = {entry.name for entry in report.layers}
     assert {"conv", "expanded_conv_3_expand", "expanded_conv_7_expand"} <= names
     assert "expanded_conv_8_expand" not in names
-    assert "logits" not in {entry.name for entry in report}
+    assert "logits" not in {entry.name for entry in report.layers}
     assert smaller.count_params() < 0.75 * mobilenet_v3.count_params()
 
 
@@ -213,7 +213,7 @@ def test_neuron_merging_prunes_resnet50_where_no_stream_is_written(resnet50, ima
     assert merged.get_layer("predictions").units == 10
     assert merged.count_params() < 0.7 * resnet50.count_params()
     assert np.all(np.isfinite(merged(x).numpy())) and merged(x).shape == (8, 10)
-    assert {entry.name for entry in report} == set(prunable)
+    assert {entry.name for entry in report.layers} == set(prunable)
 
 
 def test_ista_removes_dead_channels_of_resnet50_exactly(resnet50, images):
@@ -257,7 +257,9 @@ def test_densenet_zipped_at_half_share_with_a_permuted_copy_is_the_original(
     expected = densenet(x)
     assert_close(permuted(x), expected)
     zipped, report = mtz_tf.zip_models(
-        {"a": densenet, "b": permuted}, {"a": calibration, "b": calibration}, share=0.5,
+        {"a": densenet, "b": permuted},
+        {"a": calibration, "b": calibration},
+        share=0.5,
         verbose=0,
     )
     assert any(isinstance(layer, mtz_tf.layers.SharedFirstConcatenate) for layer in zipped.layers)
@@ -268,8 +270,8 @@ def test_densenet_zipped_at_half_share_with_a_permuted_copy_is_the_original(
     by_name = {layer.name: layer.shared for layer in report.layers}
     assert spanning.shared == sum(by_name[name] for name in blocks)
     for task in ("a", "b"):
-        assert stack.task_model(zipped, task).count_params() == densenet.count_params()
-    counts = stack.parameter_counts(zipped)
+        assert zipped_network.task_model(zipped, task).count_params() == densenet.count_params()
+    counts = zipped_network.parameter_counts(zipped)
     assert densenet.count_params() < counts["total"] < 2 * densenet.count_params()
     loaded = keras.saving.load_model(_saved(zipped, tmp_path / "zipped.keras"))
     assert_close(loaded(x), zipped(x))
@@ -284,7 +286,9 @@ def test_densenet_takes_a_third_task_joining_at_the_shared_first_layout(densenet
     copies = {name: models.permute_hidden(densenet, seed) for name, seed in (("b", 3), ("c", 5))}
     data_of = {task: calibration for task in ("a", "b", "c")}
     zipped, _ = mtz_tf.zip_models(
-        {"a": densenet, "b": copies["b"]}, {"a": calibration, "b": calibration}, share=0.5,
+        {"a": densenet, "b": copies["b"]},
+        {"a": calibration, "b": calibration},
+        share=0.5,
         verbose=0,
     )
     joined, report = mtz_tf.add_task(zipped, "c", copies["c"], data_of, verbose=0)
@@ -306,7 +310,7 @@ def test_neuron_merging_and_ista_prune_densenet_bottlenecks(densenet, images):
         "conv5_block1_1_conv",
     ]
     smaller, report = nm.compress(densenet, 0.5)
-    assert {entry.name: entry.kept for entry in report}["conv2_block1_1_conv"] == 64
+    assert {entry.name: entry.kept for entry in report.layers}["conv2_block1_1_conv"] == 64
     assert smaller.get_layer("conv2_block1_2_conv").kernel.shape[-2] == 64
     assert smaller.count_params() < 0.8 * densenet.count_params()
     model = keras.models.clone_model(densenet)
@@ -330,7 +334,10 @@ def _saved(model, path):
     "build, first_refused",
     [
         # Separable convolutions (depthwise and pointwise in one layer); 71×71 at least.
-        (lambda: keras.applications.Xception(weights=None, input_shape=(71, 71, 3)), "block2_sepconv1"),
+        (
+            lambda: keras.applications.Xception(weights=None, input_shape=(71, 71, 3)),
+            "block2_sepconv1",
+        ),
     ],
 )
 def test_families_not_read_yet_are_refused_by_their_first_layer(build, first_refused):
@@ -367,7 +374,7 @@ def test_neuron_merging_prunes_mobilenet_v2_through_its_depthwise_convolutions(
     pruned, report = nm.compress(model, {"block_3_expand": len(dead) / n}, merge=False)
     assert pruned.get_layer("block_3_expand").filters == n - len(dead)
     assert pruned.get_layer("block_3_depthwise").kernel.shape[-2] == n - len(dead)
-    assert report[0].kept == n - len(dead)
+    assert report.layers[0].kept == n - len(dead)
     assert_close(pruned(x), model(x))
     smaller, _ = nm.compress(mobilenet_v2, 0.5, merge=False)
     assert smaller.count_params() < 0.75 * mobilenet_v2.count_params()

@@ -304,10 +304,10 @@ ROWS = [
         "`matching` must be one of",
     ),
     (
-        "zip criterion unknown",
-        lambda c: c.zip(criterion="l3"),
+        "zip pairing unknown",
+        lambda c: c.zip(pairing="l3"),
         ValueError,
-        "`criterion` must be one of",
+        "`pairing` must be one of",
     ),
     (
         "zip hessian unknown",
@@ -417,7 +417,7 @@ ROWS = [
         "`model` must be a keras.Model",
     ),
     # Neuron Merging
-    ("merge_neurons ratio 1.5", lambda c: merge_neurons(c.a, 1.5), ValueError, "ratio"),
+    ("merge_neurons fraction 1.5", lambda c: merge_neurons(c.a, 1.5), ValueError, "prune_fraction"),
     (
         "merge_neurons unknown criterion",
         lambda c: merge_neurons(c.a, 0.5, criterion="l7"),

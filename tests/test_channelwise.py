@@ -16,7 +16,7 @@ from conftest import (
 )
 
 import mtz_tf
-from mtz_tf import cost, data, graph, models, stack
+from mtz_tf import cost, data, graph, models, zipped_network
 from mtz_tf.compress import neuron_merging as nm
 from mtz_tf.layers import ZippedBatchNormalization, ZippedDepthwiseConv2D
 
@@ -191,7 +191,7 @@ def test_block_zipped_with_a_permuted_copy_is_the_original(block, batch_norm):
     outputs = zipped(x)
     for task in ("a", "b"):
         assert_close(outputs[task], expected)
-        assert_close(stack.task_model(zipped, task)(x), expected)
+        assert_close(zipped_network.task_model(zipped, task)(x), expected)
     assert all(layer.shared == min(layer.widths.values()) for layer in report.layers)
     scale = max(float(np.abs(w).max()) for w in model.get_weights()) ** 2
     assert max(layer.merge_cost for layer in report.layers) < 1e-10 * scale
@@ -206,7 +206,7 @@ def test_block_shares_count_parameters_consistently(block, share):
     zipped, report = mtz_tf.zip_models(
         {"a": model, "b": other}, {"a": calibration, "b": calibration}, share=share, verbose=0
     )
-    task_models = {t: stack.task_model(zipped, t) for t in ("a", "b")}
+    task_models = {t: zipped_network.task_model(zipped, t) for t in ("a", "b")}
     sizes = sum(m.count_params() for m in task_models.values())
     parameters = report.parameters
     assert sizes == parameters["total"] + parameters["shared"]
@@ -298,7 +298,7 @@ def test_squeeze_excite_gate_joins_the_group_it_multiplies():
     )
     for task in ("a", "b"):
         assert_close(zipped(x)[task], expected)
-        assert_close(stack.task_model(zipped, task)(x), expected)
+        assert_close(zipped_network.task_model(zipped, task)(x), expected)
     assert all(layer.shared == min(layer.widths.values()) for layer in report.layers)
     other = squeeze_excite_model(1)
     apart, _ = mtz_tf.zip_models(
@@ -349,7 +349,7 @@ def test_neuron_merging_prunes_a_squeeze_excite_block_with_its_gate():
     pruned, report = nm.compress(model, {"body": 0.2}, criterion="l1-norm", merge=False)
     assert pruned.get_layer("se_expand").units == 8 and pruned.get_layer("body").filters == 8
     x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
-    kept = report[0].kept
+    kept = report.layers[0].kept
     assert kept == 8
     with pytest.raises(ValueError, match="squeeze-excite gate 'se_expand'"):
         nm.compress(model, {"body": 0.2})

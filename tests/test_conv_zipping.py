@@ -64,7 +64,7 @@ def test_vgg16_with_batch_norm_permutation_recovery(vgg, small, fashion, batch_n
     conv_layers = [layer for layer in zipped.layers if isinstance(layer, mtz_tf.ZippedConv2D)]
     # Folded BN: fully shared layers are computed once; per-task BN keeps outputs per task.
     assert all(layer.common_output == (batch_norm == "fold") for layer in conv_layers)
-    single = mtz_tf.stack.task_model(zipped, "b")
+    single = mtz_tf.zipped_network.task_model(zipped, "b")
     assert_close(single(x), zipped(x)["b"])
 
 
@@ -100,13 +100,13 @@ def test_conv_hessians_equal_explicit_patches(padding, stride):
     outputs = keras.layers.Dense(2)(keras.layers.Flatten()(hidden))
     model = keras.Model(inputs, outputs)
     calib = tf.data.Dataset.from_tensor_slices(x).batch(2)
-    states = mtz_tf.stack.separate_states(
+    states = mtz_tf.zipped_network.separate_states(
         {"a": mtz_tf.graph.read_plan(model), "b": mtz_tf.graph.read_plan(model)},
         {"a": model, "b": model},
     )
     plan = mtz_tf.graph.read_plan(model)
-    zipped = mtz_tf.stack.build_model(plan, ["a", "b"], states)
-    layer = mtz_tf.stack.zipped_layers(zipped)[0]
+    zipped = mtz_tf.zipped_network.build_model(plan, ["a", "b"], states)
+    layer = mtz_tf.zipped_network.zipped_layers(zipped)[0]
     calibration = {"a": calib, "b": calib}
     patch = layer_zip.layers_hessians(zipped, [layer], states[:1], calibration, "patch")[0][
         0
@@ -137,7 +137,10 @@ def test_three_models_and_adding_a_fourth_from_disk(lenet5_models, small, fashio
     assert list(four.output) == ["a", "b", "c", "d"]
     assert [layer.shared for layer in four_report.layers] == [10, 25, 250]
     # The old tasks' own neurons are untouched, the new task shares every shared neuron.
-    old, new = mtz_tf.stack.zipped_layers(loaded), mtz_tf.stack.zipped_layers(four)
+    old, new = (
+        mtz_tf.zipped_network.zipped_layers(loaded),
+        mtz_tf.zipped_network.zipped_layers(four),
+    )
     for before, after in zip(old, new):
         assert all(after.sharing)
         for t in range(3):
@@ -171,7 +174,7 @@ def test_batch_norm_folding_handles_zero_scale():
     kernel, bias = rng.normal(size=(3, 3, 2, 4)), rng.normal(size=4)
     gamma = np.array([1.0, 0.0, 2.0, -1.0])  # γ = 0: the channel is the constant β
     beta, mean, var = rng.normal(size=4), rng.normal(size=4), rng.random(4) + 0.1
-    folded_kernel, folded_bias = mtz_tf.stack.fold_batch_norm(
+    folded_kernel, folded_bias = mtz_tf.zipped_network.fold_batch_norm(
         kernel, bias, (gamma, beta, mean, var), 1e-3
     )
     z = rng.normal(size=(5, 4))

@@ -342,7 +342,7 @@ def test_a_zipped_model_loaded_without_mtz_tf_says_to_import_it(setup, processes
 
 def test_merge_neurons_on_a_zipped_model_points_at_multi_head_model(setup, unchanged):
     with pytest.raises(
-        ValueError, match=r"is a zipped multi-task model.*mtz_tf.stack.multi_head_model"
+        ValueError, match=r"is a zipped multi-task model.*mtz_tf.zipped_network.multi_head_model"
     ):
         merge_neurons(setup.zipped, 0.5)
 

@@ -331,7 +331,7 @@ def test_deployment_report_replaces_its_directory_only_with_overwrite(
 
 def test_task_model_fallback_endpoints_match(zipped, sample, tmp_path, monkeypatch):
     # A zipped model export cannot walk as a chain gets serve_<task> from
-    # stack.task_model (copies of the task's weights); parity holds all the same.
+    # zipped_network.task_model (copies of the task's weights); parity holds all the same.
     monkeypatch.setattr(export_lib, "_task_chain", lambda model, task: None)
     functions = export_lib.task_functions(zipped)
     assert all(isinstance(f, keras.Model) for f in functions.values())

@@ -56,7 +56,7 @@ def test_resnet_permutation_recovery_with_folded_batch_norm(resnet8, images, hes
     assert_close(zipped(x)["a"], resnet8(x))
     assert_close(zipped(x)["b"], resnet8(x))
     # Folded and fully shared: one trunk computed once, a head per task.
-    assert all(layer.common_output for layer in mtz_tf.stack.zipped_layers(zipped)[:-1])
+    assert all(layer.common_output for layer in mtz_tf.zipped_network.zipped_layers(zipped)[:-1])
 
 
 @pytest.mark.slow
@@ -130,7 +130,10 @@ def test_adding_a_task_to_a_partially_zipped_resnet(resnet8, images):
     zipped, first = mtz_tf.zip_models({"a": resnet8, "b": other}, pair, share=0.5, verbose=0)
     joined, report = mtz_tf.add_task(zipped, "c", newcomer, calibration, verbose=0)
     assert [r.shared for r in report.layers] == [r.shared for r in first.layers]
-    old, new = mtz_tf.stack.zipped_layers(zipped), mtz_tf.stack.zipped_layers(joined)
+    old, new = (
+        mtz_tf.zipped_network.zipped_layers(zipped),
+        mtz_tf.zipped_network.zipped_layers(joined),
+    )
     for before, after in zip(old, new):
         assert all(after.sharing)
         for t in range(2):  # the zipped tasks' own neurons are untouched
@@ -147,7 +150,7 @@ def test_adding_a_task_to_a_partially_zipped_resnet(resnet8, images):
     assert max_abs_diff(outputs["a"], zipped(x)["a"]) > 1e-4  # the shared weights moved
     assert np.all(np.isfinite(outputs["c"])) and outputs["c"].shape == (128, 5)
     # A task's plain model follows the residual graph and computes exactly its output.
-    plain = mtz_tf.stack.task_model(joined, "c")
+    plain = mtz_tf.zipped_network.task_model(joined, "c")
     assert not any(isinstance(layer, mtz_tf.layers.ZippedConv2D) for layer in plain.layers)
     assert_close(plain(x), outputs["c"])
     # Nothing shared: the newcomer sits beside the others with its own outputs.
@@ -170,9 +173,9 @@ def test_share_budget_gives_each_stream_one_count(resnet8, images):
     assert list(counts.values()) == report.share_allocation["counts"]
     for group in report.coupled_groups:
         assert len({counts[name] for name in group}) == 1
-    assert mtz_tf.shared_fraction(zipped) >= 0.5
-    assert report.share_allocation["estimated_shared_fraction"] == pytest.approx(
-        mtz_tf.shared_fraction(zipped)
+    assert mtz_tf.shared_parameter_fraction(zipped) >= 0.5
+    assert report.share_allocation["estimated_shared_parameter_fraction"] == pytest.approx(
+        mtz_tf.shared_parameter_fraction(zipped)
     )
     widths = [layer.units for layer in mtz_tf.graph.read_plan(resnet8).hidden_units]
     assert list(counts.values()) != widths  # not simply everything
@@ -270,8 +273,8 @@ def test_hessians_of_per_task_inputs_are_each_tasks_own(resnet8, images):
         {"a": resnet8, "b": other}, {"a": calib, "b": calib}, share=0.0, verbose=0
     )
     plan = mtz_tf.graph.read_plan(resnet8)
-    states = mtz_tf.stack.read_states(zipped, plan)
-    layers = mtz_tf.stack.zipped_layers(zipped)
+    states = mtz_tf.zipped_network.read_states(zipped, plan)
+    layers = mtz_tf.zipped_network.zipped_layers(zipped)
     for state in states:
         state.input_shared_units = state.input_units[0]  # cover every input channel
     hessians = mtz_tf.layer_zip.layers_hessians(
@@ -301,7 +304,7 @@ def test_padding_rescaling_and_relu6_zip_back_to_the_original():
     expected = model(x)
     assert_close(zipped(x)["a"], expected)
     assert_close(zipped(x)["b"], expected)
-    assert_close(mtz_tf.stack.task_model(zipped, "b")(x), expected)
+    assert_close(mtz_tf.zipped_network.task_model(zipped, "b")(x), expected)
     assert all(layer.merge_cost < 1e-8 for layer in report.layers)
     assert report.coupled_groups == [["c1", "c2"]]
 

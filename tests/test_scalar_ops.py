@@ -26,9 +26,14 @@ def test_scalar_ops_become_rescaling_layers_computing_the_same():
     nodes = [len(layer._inbound_nodes) for layer in model.layers]
     converted = scalar_ops.as_layers(model)
     assert scalar_ops.has_ops_nodes(model) and not scalar_ops.has_ops_nodes(converted)
-    rescalings = [l for l in converted.layers if isinstance(l, keras.layers.Rescaling)]
-    assert [(l.scale, l.offset) for l in rescalings] == [
-        (1.0, 3.0), (-1.0, 2.0), (0.5, 0.0), (4.0, 0.0), (0.125, 0.0), (1.0, -1.0)
+    rescalings = [x for x in converted.layers if isinstance(x, keras.layers.Rescaling)]
+    assert [(r.scale, r.offset) for r in rescalings] == [
+        (1.0, 3.0),
+        (-1.0, 2.0),
+        (0.5, 0.0),
+        (4.0, 0.0),
+        (0.125, 0.0),
+        (1.0, -1.0),
     ]
     x = np.random.default_rng(1).normal(size=(5, 6, 6, 2)).astype(np.float32)
     expected = (2.0 - (model.get_layer("conv")(x).numpy() + 3.0)) * 2.0 / 8.0 - 1.0

@@ -237,11 +237,11 @@ def test_task_model_computes_one_task_exactly(lenet_a, lenet_b, calibration, fas
     )
     x = fashion[2][:100]
     for task in ("a", "b"):
-        single = mtz_tf.stack.task_model(zipped, task)
+        single = mtz_tf.zipped_network.task_model(zipped, task)
         assert not any(isinstance(layer, mtz_tf.ZippedDense) for layer in single.layers)
         assert_close(single(x), zipped(x)[task])
     with pytest.raises(ValueError, match="Unknown task 'c'"):
-        mtz_tf.stack.task_model(zipped, "c")
+        mtz_tf.zipped_network.task_model(zipped, "c")
 
 
 def test_baselines_cost_more_than_mtz(lenet_a, lenet_b, calibration, fashion):
@@ -249,7 +249,7 @@ def test_baselines_cost_more_than_mtz(lenet_a, lenet_b, calibration, fashion):
     # Hessian-weighted merge would reduce to the plain average.
     other = data.to_dataset(data.calibration_subset(fashion[0][::-1], 1000, seed=1), batch_size=250)
     costs = {}
-    for criterion, merge in (
+    for pairing, tie in (
         ("random", "average"),
         ("euclidean", "average"),
         ("hessian", "average"),
@@ -259,18 +259,22 @@ def test_baselines_cost_more_than_mtz(lenet_a, lenet_b, calibration, fashion):
             {"a": lenet_a, "b": lenet_b},
             {"a": calibration, "b": other},
             share=[300, 0],
-            criterion=criterion,
-            merge=merge,
+            pairing=pairing,
+            tie=tie,
             verbose=0,
         )
-        costs[criterion, merge] = report.layers[0].merge_cost
+        costs[pairing, tie] = report.layers[0].merge_cost
     # The Hessian-weighted merge is optimal for any pairing; MTZ pairing beats random.
     assert costs["hessian", "hessian"] < costs["hessian", "average"]
     assert costs["hessian", "hessian"] < costs["euclidean", "average"]
     assert costs["euclidean", "average"] < costs["random", "average"]
-    with pytest.raises(ValueError, match="`criterion` must be one of"):
+    with pytest.raises(ValueError, match="`pairing` must be one of"):
         mtz_tf.zip_models(
-            {"a": lenet_a, "b": lenet_b}, {"a": calibration, "b": calibration}, criterion="cosine"
+            {"a": lenet_a, "b": lenet_b}, {"a": calibration, "b": calibration}, pairing="cosine"
+        )
+    with pytest.raises(TypeError, match="criterion"):  # the old name is not taken silently
+        mtz_tf.zip_models(
+            {"a": lenet_a, "b": lenet_b}, {"a": calibration, "b": calibration}, criterion="random"
         )
 
 
@@ -283,7 +287,7 @@ def test_share_budget_allocates_counts_to_meet_the_target(lenet_a, lenet_b, cali
     )
     counts = [layer.shared for layer in report.layers]
     assert counts == report.share_allocation["counts"]
-    assert mtz_tf.shared_fraction(zipped) >= 0.5
+    assert mtz_tf.shared_parameter_fraction(zipped) >= 0.5
     assert counts != [300, 100]  # not simply everything
     # A stricter merge-cost budget shares no more and stays within its budget.
     budget = 0.5 * sum(layer.merge_cost for layer in report.layers)
@@ -300,7 +304,7 @@ def test_share_budget_allocates_counts_to_meet_the_target(lenet_a, lenet_b, cali
 def test_multi_head_model_then_neuron_merging(lenet_a, lenet_b, calibration, fashion):
     calib = {"a": calibration, "b": calibration}
     zipped, _ = mtz_tf.zip_models({"a": lenet_a, "b": lenet_b}, calib, verbose=0)
-    plain = mtz_tf.stack.multi_head_model(zipped)
+    plain = mtz_tf.zipped_network.multi_head_model(zipped)
     assert not any(isinstance(layer, mtz_tf.ZippedDense) for layer in plain.layers)
     x = fashion[2][:100]
     for task in ("a", "b"):
@@ -310,4 +314,4 @@ def test_multi_head_model_then_neuron_merging(lenet_a, lenet_b, calibration, fas
     assert hidden[:2] == [150, 50] and set(smaller(x)) == {"a", "b"}
     partial, _ = mtz_tf.zip_models({"a": lenet_a, "b": lenet_b}, calib, share=0.5, verbose=0)
     with pytest.raises(ValueError, match="not fully shared"):
-        mtz_tf.stack.multi_head_model(partial)
+        mtz_tf.zipped_network.multi_head_model(partial)

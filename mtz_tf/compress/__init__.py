@@ -24,14 +24,14 @@ from mtz_tf.compress.ista import (
     train_sparse,
 )
 from mtz_tf.compress.l1_filter_pruning import l1_filter_prune, l1_filter_prune_to_params
-from mtz_tf.compress.neuron_merging import LayerReport as NeuronMergingReport
+from mtz_tf.compress.neuron_merging import NeuronMergingReport, PrunedLayer, prunable_layers
 from mtz_tf.compress.neuron_merging import compress as merge_neurons
-from mtz_tf.compress.neuron_merging import prunable_layers
 
 __all__ = [
     "ISTAReport",
     "ISTASGD",
     "NeuronMergingReport",
+    "PrunedLayer",
     "bn_graph",
     "count_flops",
     "criteria",

@@ -104,7 +104,7 @@ _COUPLING = layer_types.types_with(coupling=True) + (keras.layers.Dot,)
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerReport:
+class PrunedLayer:
     """What :func:`compress` did to one layer.
 
     Attributes:
@@ -120,6 +120,26 @@ class LayerReport:
     kept: int
     merged: int
     batch_norm: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronMergingReport:
+    """What :func:`compress` did (JSON-serialisable with ``dataclasses.asdict``), in the
+    pattern of :class:`mtz_tf.compress.ista.ISTAReport`: the settings, the parameter counts
+    and the per-layer entries.
+
+    Attributes:
+        criterion: str, how the kept neurons were chosen.
+        merge: bool, whether pruned neurons were folded into kept ones.
+        params_before, params_after: int, ``count_params`` of the input and new models.
+        layers: list of :class:`PrunedLayer`, one per pruned layer, in model order.
+    """
+
+    criterion: str
+    merge: bool
+    params_before: int
+    params_after: int
+    layers: list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,12 +180,13 @@ class _Blocked:
 # Numerics: pure functions, NumPy in and out.
 
 
-def keep_count(units: int, ratio: float) -> int:
-    """Neurons kept out of ``units`` at pruning ``ratio``: round(units·(1 − ratio)), at least 1.
+def keep_count(units: int, prune_fraction: float) -> int:
+    """Neurons kept out of ``units`` when ``prune_fraction`` of them go: round(units·(1 −
+    prune_fraction)), at least 1.
 
     Python's ``round`` (half to even), as the reference code computes its layer widths.
     """
-    return max(1, int(round(units * (1.0 - ratio))))
+    return max(1, int(round(units * (1.0 - prune_fraction))))
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -504,7 +525,12 @@ def _trace(
     )
 
 
-_GATE_PATH = (keras.layers.Activation, keras.layers.ReLU, keras.layers.Rescaling, keras.layers.Reshape)
+_GATE_PATH = (
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.Rescaling,
+    keras.layers.Reshape,
+)
 """Weightless layers between a squeeze-excite gate's Dense/Conv2D and its ``Multiply``."""
 
 
@@ -541,7 +567,7 @@ def _read(model: keras.Model) -> dict[str, _Unit | _Blocked]:
             f"Model {model.name!r} is a zipped multi-task model (layers {zipped[:3]} hold "
             "several tasks' neurons); Neuron Merging prunes ordinary Dense/Conv2D layers. "
             "Turn a fully zipped model into an ordinary multi-head model with "
-            "`mtz_tf.stack.multi_head_model(zipped)` first, or compress the input models."
+            "`mtz_tf.zipped_network.multi_head_model(zipped)` first, or compress the input models."
         )
     if not model.built or not model.inputs:
         raise ValueError(f"Model {model.name!r} has no defined input; build it on an `Input`.")
@@ -583,36 +609,39 @@ def _float(value) -> np.ndarray:
     return np.asarray(value, dtype=np.float64)
 
 
-def _ratios(model, units, ratio) -> dict[str, float]:
+def _prune_fractions(model, units, prune_fraction) -> dict[str, float]:
     def check(name, r):
         if isinstance(r, bool) or not isinstance(r, (int, float, np.floating, np.integer)):
-            raise TypeError(f"`ratio` for layer {name!r} must be a number. Received: {r!r}")
+            raise TypeError(
+                f"`prune_fraction` for layer {name!r} must be a number. Received: {r!r}"
+            )
         if not 0.0 <= float(r) < 1.0:
             raise ValueError(
-                f"`ratio` for layer {name!r} must be in [0, 1) (the fraction of neurons to "
-                f"remove). Received: ratio={r}"
+                f"`prune_fraction` for layer {name!r} must be in [0, 1) (the fraction of "
+                f"neurons to remove). Received: prune_fraction={r}"
             )
         return float(r)
 
-    if isinstance(ratio, Mapping):
+    if isinstance(prune_fraction, Mapping):
         out = {}
-        for name, r in ratio.items():
+        for name, r in prune_fraction.items():
             entry = units.get(name)
             if entry is None:
                 raise ValueError(
-                    f"`ratio` names layer {name!r}, which is not a Dense/Conv2D layer of model "
+                    f"`prune_fraction` names layer {name!r}, which is not a Dense/Conv2D layer "
+                    "of model "
                     f"{model.name!r}."
                 )
             if isinstance(entry, _Blocked):
                 raise ValueError(f"Cannot prune layer {name!r}: {entry.reason}.")
             out[name] = check(name, r)
         return out
-    r = check("*", ratio)
+    r = check("*", prune_fraction)
     for entry in units.values():
         if isinstance(entry, _Blocked) and entry.kind == "unsupported":
             raise ValueError(
-                f"Cannot prune layer {entry.name!r}: {entry.reason}. Pass `ratio` as a "
-                "{layer name: ratio} dict that leaves it out."
+                f"Cannot prune layer {entry.name!r}: {entry.reason}. Pass `prune_fraction` as "
+                "a {layer name: fraction} dict that leaves it out."
             )
     return {name: r for name, entry in units.items() if isinstance(entry, _Unit)}
 
@@ -653,29 +682,29 @@ def _fold_input(kernel: np.ndarray, z: np.ndarray, positions: int) -> np.ndarray
 
 def compress(
     model: keras.Model,
-    ratio: float | Mapping[str, float],
+    prune_fraction: float | Mapping[str, float],
     criterion: str = "l1-norm",
     merge: bool = True,
     threshold: float | None = None,
     lamda: float = DEFAULT_LAMDA,
     scale: str = "reference",
-) -> tuple[keras.Model, list]:
+) -> tuple[keras.Model, NeuronMergingReport]:
     """Prunes hidden Dense/Conv2D layers and (``merge=True``) folds pruned neurons into kept ones.
 
     See the module docstring for the mathematics. Every pruned layer keeps
-    ``keep_count(n, ratio)`` neurons chosen by ``criterion``; the layers reading its channels
-    (directly, or through BatchNorm, activations, pooling, dropout, padding or a Flatten,
+    ``keep_count(n, prune_fraction)`` neurons chosen by ``criterion``; the layers reading its
+    channels (directly, or through BatchNorm, activations, pooling, dropout, padding or a Flatten,
     where a channel owns one row per spatial position) get Z folded into their kernels. A
     depthwise convolution on the way (MobileNet's expand -> depthwise -> project) loses the
     pruned channels with its BatchNorm, and the layer after it is the consumer (prune only:
     ``merge=False``). Layers
     whose channels meet others in a residual ``Add``/``Concatenate`` and output layers are not
-    pruned by a global ratio (:func:`prunable_layers` lists the candidates).
+    pruned by a global fraction (:func:`prunable_layers` lists the candidates).
 
     Args:
         model: keras.Model, functional or Sequential, built; not modified.
-        ratio: float in [0, 1), the fraction of neurons to remove from every prunable layer, or
-            {layer name: ratio} for some layers only.
+        prune_fraction: float in [0, 1), the fraction of neurons to remove from every
+            prunable layer, or {layer name: fraction} for some layers only.
         criterion: str, ``"l1-norm"``, ``"l2-norm"`` or ``"l2-GM"`` (:mod:`criteria`).
         merge: bool, fold pruned neurons into kept ones (Neuron Merging); False only prunes.
         threshold: float or None, least cosine similarity to merge a pair. None uses the
@@ -686,15 +715,15 @@ def compress(
             published numbers) or ``"exact"`` (s·(γ_i/γ_j)·(σ_j/σ_i)); both are ||v_i||/||v_j||
             for layers without BatchNorm.
     Returns:
-        ``(model, report)``: a new, physically smaller keras.Model, and a list of
-        :class:`LayerReport`, one per pruned layer.
+        ``(model, report)``: a new, physically smaller keras.Model, and a
+        :class:`NeuronMergingReport`.
 
     Raises:
-        ValueError: ratio outside [0, 1); unknown criterion/scale; a named layer that cannot be
+        ValueError: a fraction outside [0, 1); unknown criterion/scale; a named layer that cannot be
             pruned; a layer whose channels reach a layer that cannot be traced; ``merge=True``
             through an activation that is not positively homogeneous (merging would not be
             exact: use ``merge=False`` there).
-        TypeError: ``model`` is not a keras.Model, or a ratio is not a number.
+        TypeError: ``model`` is not a keras.Model, or a fraction is not a number.
     """
     if criterion not in criteria_lib.CRITERIA:
         raise ValueError(
@@ -706,11 +735,11 @@ def compress(
         raise ValueError(f"`lamda` must be in [0, 1]. Received: lamda={lamda}")
     model = scalar_ops.as_layers(model)  # Keras-ops nodes read as layers
     units = _read(model)
-    ratios = _ratios(model, units, ratio)
+    fractions = _prune_fractions(model, units, prune_fraction)
 
     plans: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (keep, Z)
     reports = []
-    for name, r in ratios.items():
+    for name, r in fractions.items():
         unit = units[name]
         if merge:
             bad = [a for a in unit.activations if a not in HOMOGENEOUS_ACTIVATIONS]
@@ -753,7 +782,7 @@ def compress(
             )
         plans[name] = (keep, z)
         merged = int(np.count_nonzero(z)) - len(keep)
-        reports.append(LayerReport(name, unit.units, len(keep), merged, unit.batch_norm))
+        reports.append(PrunedLayer(name, unit.units, len(keep), merged, unit.batch_norm))
 
     # Consumer folds and output slices commute, so each layer is updated once from originals.
     weights: dict[str, list[np.ndarray]] = {}
@@ -794,4 +823,7 @@ def compress(
         for name, ws in weights.items()
     }
     new_model = surgery.rebuild(model, widths, cast)
-    return new_model, reports
+    report = NeuronMergingReport(
+        criterion, merge, int(model.count_params()), int(new_model.count_params()), reports
+    )
+    return new_model, report
