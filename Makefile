@@ -7,7 +7,7 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-slow test-all data lint bench reproduce clean
+.PHONY: demo test test-slow test-heavy test-all data lint bench reproduce clean
 
 $(STAMP): setup.py requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,11 @@ test: $(STAMP) data
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-slow: $(STAMP) data
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -m "slow and not heavy" tests
+
+# DenseNet121-size checks, tens of minutes on two cores: run by hand, not in CI.
+test-heavy: $(STAMP) data
+	$(PY) -m pytest -q -m heavy tests
 
 test-all: $(STAMP) data
 	$(PY) -m pytest -q tests
