@@ -870,7 +870,10 @@ def describe(model: keras.Model, print_fn=print) -> bool:
         segments = plan.unit_sources(step_index)
         if not segments:
             return "model input"
-        return " + ".join(units[u].name for u, _, _ in segments)
+        names = [units[u].name for u, _, _ in segments]
+        if len(names) > 2:  # a late DenseNet layer reads dozens
+            return f"{names[0]} + ... + {names[-1]} ({len(names)} layers, concatenated)"
+        return " + ".join(names)
 
     print_fn(
         f"Model {model.name!r}: {len(units) - 1} hidden units zippable, input shape "
@@ -885,6 +888,8 @@ def describe(model: keras.Model, print_fn=print) -> bool:
             if index == len(units) - 1
             else f"s{stream_of[index]}"
             if index in stream_of
+            else "follows"
+            if plan.spans(index)
             else "-"
         )
         rows.append(
@@ -921,6 +926,12 @@ def describe(model: keras.Model, print_fn=print) -> bool:
         print_fn(
             f"  s{number}: {len(members)} units ({', '.join(members)}), coupled by "
             f"{', '.join(coupling.get(number, []))}"
+        )
+    followers = [u.name for i, u in enumerate(units[:-1]) if plan.spans(i)]
+    if followers:
+        print_fn(
+            f"{len(followers)} channel-wise units read a Concatenate of several layers (stream "
+            "'follows'): their channels follow their inputs' matchings, laid out shared-first."
         )
     print_fn(f"Output head (never zipped): {units[-1].name}")
     return True

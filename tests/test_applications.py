@@ -266,6 +266,12 @@ def test_densenet_zipped_at_half_share_with_a_permuted_copy_is_the_original(
     channels as one prefix, and half of each layer shared still recovers the original
     exactly; each task's own model has the original's parameters, and it deploys."""
     x, calibration = images
+    lines = []
+    assert mtz_tf.describe(densenet, print_fn=lines.append)
+    pool2_bn = next(line for line in lines if " pool2_bn " in line)
+    assert "conv1_conv + ... + conv2_block2_2_conv (3 layers, concatenated)" in pool2_bn
+    assert pool2_bn.split()[-1] == "follows"
+    assert any(line.startswith("5 channel-wise units read a Concatenate") for line in lines)
     permuted = models.permute_hidden(densenet, seed=3)
     expected = densenet(x)
     assert_close(permuted(x), expected)
