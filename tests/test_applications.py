@@ -412,3 +412,35 @@ def test_ista_removes_dead_channels_of_mobilenet_v2_exactly(mobilenet_v2, images
     width = model.get_layer("block_5_project").filters
     assert pruned.get_layer("block_5_project").filters == width - 4
     assert_close(pruned(x), model(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "build, dead_batch_norm, dead_layer",
+    [
+        (keras.applications.ResNet50V2, "conv2_block1_2_bn", "conv2_block1_2_conv"),
+        (keras.applications.EfficientNetB0, None, None),
+    ],
+)
+def test_neuron_merging_and_ista_take_the_other_families(
+    build, dead_batch_norm, dead_layer, images
+):
+    """Pruning half of every prunable layer leaves the head whole and shrinks the model;
+    ISTA removes a dead relu channel exactly (ResNet50V2's 3×3 conv; its 1×1 conv feeds a
+    ZeroPadding2D, through which ISTA does not absorb constants) and keeps the function."""
+    x, _ = images
+    keras.utils.set_random_seed(0)
+    model = _randomized_batch_norm(build(weights=None, input_shape=SHAPE, classes=10), 4)
+    smaller, report = nm.compress(model, 0.5, merge=False)
+    assert model.layers[-1].name not in {entry.name for entry in report.layers}
+    assert report.params_after == smaller.count_params() < 0.75 * model.count_params()
+    if dead_batch_norm is not None:
+        bn = model.get_layer(dead_batch_norm)
+        gamma, beta = bn.gamma.numpy(), bn.beta.numpy()
+        gamma[:3], beta[:3] = 0.0, -0.5  # relu(-0.5) = 0: the channels carry nothing
+        bn.gamma.assign(gamma)
+        bn.beta.assign(beta)
+    removed = ista.remove_zero_channels(model)
+    if dead_layer is not None:
+        assert removed.get_layer(dead_layer).filters == model.get_layer(dead_layer).filters - 3
+    assert_close(removed(x), model(x))
