@@ -184,6 +184,15 @@ def main(argv):
     test_images, test_labels = data.load("fashion_mnist", "test", data_dir=FLAGS.data_dir)
     test = (data.normalize(test_images), test_labels)
 
+    # One shuffled training stream for ISTA, fine-tuning and BatchNorm recalibration; the
+    # l1-norm baseline fine-tunes on an identically built one.
+    def training_batches():
+        return data.to_dataset(
+            x_train, y_train, batch_size=FLAGS.batch_size, shuffle=True, seed=FLAGS.seed
+        )
+
+    validation = data.to_dataset(*val, batch_size=1000)
+
     pretrained_path = os.path.join(
         FLAGS.output_dir, f"pretrained_{FLAGS.model}_w{FLAGS.width_multiplier}.keras"
     )
@@ -204,7 +213,7 @@ def main(argv):
         )
         io_utils.save_model(pretrained, pretrained_path)
     # Every model is evaluated with BatchNorm statistics recomputed on training examples.
-    ista.recalibrate_batchnorm(pretrained, x_train, FLAGS.recalibration_examples)
+    ista.recalibrate_batchnorm(pretrained, training_batches(), FLAGS.recalibration_examples)
     rows = [_row("unpruned", None, pretrained, val, test, time.time() - start)]
     lambdas = ista.memory_lambdas(pretrained)
     penalised = {name for name, lam in lambdas.items() if lam > 0}
@@ -221,8 +230,7 @@ def main(argv):
         start = time.time()
         pruned, report = ista.ista_prune(
             pretrained,
-            x_train,
-            y_train,
+            training_batches(),
             rho=rho,
             steps=FLAGS.steps,
             fine_tune_steps=FLAGS.fine_tune_steps,
@@ -230,11 +238,10 @@ def main(argv):
             learning_rate=FLAGS.learning_rate,
             fine_tune_learning_rate=FLAGS.fine_tune_learning_rate,
             momentum=FLAGS.momentum,
-            batch_size=FLAGS.batch_size,
             seed=FLAGS.seed,
             absorption=FLAGS.absorption,
             recalibration_examples=FLAGS.recalibration_examples,
-            validation=val,
+            validation=validation,
             verbose=2,
         )
         rows.append(
@@ -252,16 +259,14 @@ def main(argv):
         )
         ista.fine_tune(
             baseline,
-            x_train,
-            y_train,
+            training_batches(),
             steps=FLAGS.steps + FLAGS.fine_tune_steps,
             learning_rate=FLAGS.fine_tune_learning_rate,
             momentum=FLAGS.momentum,
-            batch_size=FLAGS.batch_size,
             seed=FLAGS.seed + 1,
             verbose=2,
         )
-        ista.recalibrate_batchnorm(baseline, x_train, FLAGS.recalibration_examples)
+        ista.recalibrate_batchnorm(baseline, training_batches(), FLAGS.recalibration_examples)
         rows.append(
             _row(
                 "l1-norm",

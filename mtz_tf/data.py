@@ -217,6 +217,53 @@ def to_dataset(
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def dataset_inputs(dataset, input_shape: tuple, whose: str, what: str) -> tf.data.Dataset:
+    """The input batches of ``dataset``, which yields batches of inputs or (inputs, labels)
+    tuples, after checking from its ``element_spec`` alone that they have the shape
+    (batch, *input_shape). ``whose`` and ``what`` name the data in errors, e.g.
+    ``"task 'a'"`` and ``"calibration data"``."""
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TypeError(
+            f"The {what} for {whose} must be a batched tf.data.Dataset, e.g. "
+            f"`mtz_tf.data.to_dataset(x, y)`. Received: {type(dataset).__name__}"
+        )
+    spec = dataset.element_spec
+    x_spec = spec[0] if isinstance(spec, tuple) else spec
+    if not isinstance(x_spec, tf.TensorSpec):
+        raise TypeError(
+            f"The {what} for {whose} yields elements of structure {spec}; expected "
+            "batches of inputs, or (inputs, labels) tuples. Map a dict dataset to that "
+            "first, e.g. `dataset.map(lambda d: (d['image'], d['label']))`."
+        )
+    shape = tuple(x_spec.shape)
+    if len(shape) != len(input_shape) + 1 or any(
+        s is not None and s != e for s, e in zip(shape[1:], input_shape)
+    ):
+        raise ValueError(
+            f"The {what} for {whose} yields inputs of shape {shape}; the model takes "
+            f"batches of shape (batch, {', '.join(map(str, input_shape))}). Batch the "
+            "dataset and give it inputs of the model's shape."
+        )
+    if isinstance(spec, tuple):
+        return dataset.map(lambda *element: element[0])
+    return dataset
+
+
+def first_inputs(dataset: tf.data.Dataset, count: int) -> np.ndarray:
+    """The first ``count`` inputs (fewer if the dataset ends first) of a dataset of input
+    batches or (inputs, labels) batches, as one array."""
+    batches, seen = [], 0
+    for element in dataset:
+        x = element[0] if isinstance(element, tuple) else element
+        batches.append(np.asarray(x))
+        seen += len(batches[-1])
+        if seen >= count:
+            break
+    if not batches:
+        raise ValueError("The dataset is empty: no inputs to read.")
+    return np.concatenate(batches)[:count]
+
+
 def training_stream(x: np.ndarray, y: np.ndarray, batch_size: int = 32, seed: int = 0):
     """An endless, reshuffled stream of ``(x, y)`` batches that repeats exactly.
 

@@ -48,6 +48,19 @@ def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int =
     return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
+def dataset_accuracy(model: keras.Model, dataset) -> float:
+    """Top-1 accuracy of a single-output logits (or probabilities) model on a batched
+    ``tf.data.Dataset`` of (inputs, class-index labels)."""
+    hits = total = 0
+    for x, y in dataset:
+        predicted = np.argmax(np.asarray(model(x, training=False)), axis=-1)
+        labels = np.asarray(y).reshape(len(predicted))
+        hits, total = hits + int(np.sum(predicted == labels)), total + len(labels)
+    if total == 0:
+        raise ValueError("The evaluation dataset is empty: no accuracy to measure.")
+    return hits / total
+
+
 def train_to_convergence(
     model: keras.Model,
     train: tuple[np.ndarray, np.ndarray],

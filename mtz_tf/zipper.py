@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import allocation, checkpoint, cost, driver, graph, layers, zipped_network
+from mtz_tf import allocation, checkpoint, cost, data, driver, graph, layers, zipped_network
 from mtz_tf import matching as matching_lib
 from mtz_tf.layer_zip import HESSIAN_MODES, PAIRINGS, TIES
 from mtz_tf.report import ZipReport
@@ -73,34 +73,6 @@ def _validate_models(models: Mapping[str, keras.Model]) -> dict[str, graph.Plan]
                     "zipping needs finite weights."
                 )
     return plans
-
-
-def _inputs_only(dataset, input_shape: tuple, task: str, what: str) -> tf.data.Dataset:
-    if not isinstance(dataset, tf.data.Dataset):
-        raise TypeError(
-            f"The {what} for task {task!r} must be a batched tf.data.Dataset. "
-            f"Received: {type(dataset).__name__}"
-        )
-    spec = dataset.element_spec
-    x_spec = spec[0] if isinstance(spec, tuple) else spec
-    if not isinstance(x_spec, tf.TensorSpec):
-        raise TypeError(
-            f"The {what} for task {task!r} yields elements of structure {spec}; expected "
-            "batches of inputs, or (inputs, labels) tuples. Map a dict dataset to that "
-            "first, e.g. `dataset.map(lambda d: (d['image'], d['label']))`."
-        )
-    shape = tuple(x_spec.shape)
-    if len(shape) != len(input_shape) + 1 or any(
-        s is not None and s != e for s, e in zip(shape[1:], input_shape)
-    ):
-        raise ValueError(
-            f"The {what} for task {task!r} yields inputs of shape {shape}; the models take "
-            f"batches of shape (batch, {', '.join(map(str, input_shape))}). Batch the "
-            "dataset and give it inputs of the models' shape."
-        )
-    if isinstance(spec, tuple):
-        return dataset.map(lambda *element: element[0])
-    return dataset
 
 
 def resolve_shares(share, units: list[graph.Unit], widths: list[int]) -> list[int]:
@@ -485,7 +457,8 @@ def add_task(
 def _calibration_inputs(calibration: Mapping, plan: graph.Plan, task_names: list) -> dict:
     """{task: dataset of inputs only}, each checked against the models' input shape."""
     return {
-        t: _inputs_only(calibration[t], plan.input_shape, t, "calibration data") for t in task_names
+        t: data.dataset_inputs(calibration[t], plan.input_shape, f"task {t!r}", "calibration data")
+        for t in task_names
     }
 
 

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from conftest import assert_close
 
-from mtz_tf import models
+from mtz_tf import data, models
 from mtz_tf.compress import bn_graph, flops, ista, l1_filter_pruning
 
 
@@ -400,8 +400,23 @@ def test_ista_prune_removes_channels_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 12, 12, 3)).astype(np.float32)
     y = (x[:, :6, :, 0].mean(axis=(1, 2)) > 0).astype(np.int64) + (x[..., 1].mean((1, 2)) > 0)
+    train = data.to_dataset(x, y, batch_size=64, shuffle=True, seed=0)
     pruned, report = ista.ista_prune(
-        model, x, y, rho=2.0, steps=30, fine_tune_steps=5, alpha=0.5, learning_rate=0.05
+        model,
+        train,
+        rho=2.0,
+        steps=30,
+        fine_tune_steps=5,
+        alpha=0.5,
+        learning_rate=0.05,
+        validation=data.to_dataset(x[:100], y[:100], batch_size=40),
+    )
+    # The validation accuracy of each stage is that of an independent argmax count.
+    assert report.validation_accuracy["fine_tuned"] == pytest.approx(
+        np.mean(np.argmax(pruned.predict(x[:100], verbose=0), axis=-1) == y[:100])
+    )
+    assert report.validation_accuracy["input"] == pytest.approx(
+        np.mean(np.argmax(model.predict(x[:100], verbose=0), axis=-1) == y[:100])
     )
     assert report.params_after == pruned.count_params() < report.params_before
     assert report.params_before == model.count_params()
@@ -442,7 +457,10 @@ def test_recalibrate_batchnorm_sets_exact_batch_statistics():
     bn = model.get_layer("fc1_bn")
     x = _inputs((5,), n=64)
     pre = model.get_layer("fc1")(x).numpy()  # the BatchNorm's input
-    ista.recalibrate_batchnorm(model, x, examples=64)
+    # Two batches of 40: the first 64 inputs are read, across the batch boundary.
+    ista.recalibrate_batchnorm(
+        model, data.to_dataset(np.concatenate([x, x[:16]]), batch_size=40), examples=64
+    )
     assert_close(bn.moving_mean.numpy(), pre.mean(axis=0), tol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.numpy(), pre.var(axis=0), rtol=1e-4)
     assert bn.momentum == 0.99  # restored
@@ -468,3 +486,27 @@ def test_remove_zero_channels_exact_through_cropping_and_upsampling():
     pruned = ista.remove_zero_channels(model)
     assert pruned.get_layer("c1").filters == 4
     assert_close(pruned.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_ista_data_arguments_are_checked_before_any_work():
+    model = _chain_model()
+    x = _inputs((12, 12, 3), n=8)
+    y = np.zeros(8, np.int64)
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(TypeError, match="must be a batched tf.data.Dataset"):
+        ista.ista_prune(model, x, rho=1.0, steps=1, fine_tune_steps=0)
+    with pytest.raises(ValueError, match=r"yields inputs of shape \(None, 12, 12\)"):
+        ista.ista_prune(model, data.to_dataset(x[..., 0], y), rho=1.0, steps=1, fine_tune_steps=0)
+    with pytest.raises(ValueError, match="one-hot labels"):
+        ista.fine_tune(model, data.to_dataset(x, np.eye(3)[y]), steps=1)
+    with pytest.raises(ValueError, match="validation data"):
+        ista.ista_prune(
+            model,
+            data.to_dataset(x, y),
+            rho=1.0,
+            steps=1,
+            fine_tune_steps=0,
+            validation=data.to_dataset(x),
+        )
+    for got, want in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)  # nothing trained, nothing changed

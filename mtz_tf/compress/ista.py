@@ -30,9 +30,10 @@ from collections.abc import Mapping
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
-from mtz_tf import data, scalar_ops, training
+from mtz_tf import data, retrain, scalar_ops, training
 from mtz_tf.compress import bn_graph, flops, surgery
 
 
@@ -546,75 +547,91 @@ def bn_channel_counts(model: keras.Model) -> dict[str, dict[str, int]]:
     return counts
 
 
-def recalibrate_batchnorm(model: keras.Model, x: np.ndarray, examples: int = 2000) -> None:
+def recalibrate_batchnorm(
+    model: keras.Model, dataset: tf.data.Dataset, examples: int = 2000
+) -> None:
     """Resets every BatchNorm's moving mean and variance, in place, to batch statistics.
 
-    One training-mode forward pass over the first ``examples`` inputs of ``x`` with every
-    BatchNorm's momentum set to 0 makes moving_mean/moving_variance the exact statistics of
-    that batch (each layer seeing its inputs normalised by the layers before it, as in
-    training). ISTA drives many channels to constants, which leaves some BatchNorms with
-    tiny variances; a moving average (momentum 0.99) that lags a fast-changing network then
-    breaks inference-mode accuracy (we measured chance level on VGG-16, and 87% after this
-    reset). Also repairs the statistics after a border-inexact removal.
+    One training-mode forward pass over the first ``examples`` inputs of ``dataset`` (a
+    batched tf.data.Dataset of inputs or of (inputs, labels)) with every BatchNorm's momentum
+    set to 0 makes moving_mean/moving_variance the exact statistics of that batch (each
+    layer seeing its inputs normalised by the layers before it, as in training). ISTA drives
+    many channels to constants, which leaves some BatchNorms with tiny variances; a moving
+    average (momentum 0.99) that lags a fast-changing network then breaks inference-mode
+    accuracy (we measured chance level on VGG-16, and 87% after this reset). Also repairs
+    the statistics after a border-inexact removal.
     """
+    if examples <= 0:
+        raise ValueError(f"`examples` must be positive. Received: examples={examples}")
+    inputs = data.dataset_inputs(
+        dataset, tuple(model.input_shape[1:]), f"model {model.name!r}", "recalibration data"
+    )
+    x = data.first_inputs(inputs, examples)
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [bn.momentum for bn in bns]
     try:
         for bn in bns:
             bn.momentum = 0.0
-        model(x[:examples], training=True)
+        model(x, training=True)
     finally:
         for bn, momentum in zip(bns, momenta, strict=True):
             bn.momentum = momentum
 
 
-def _fit_steps(model, optimizer, x, y, steps, batch_size, seed, verbose):
+def _check_labelled(model: keras.Model, dataset, what: str) -> None:
+    """``dataset`` is a batched tf.data.Dataset of (inputs of the model's shape, class
+    indices), checked from its element_spec before any work."""
+    data.dataset_inputs(dataset, tuple(model.input_shape[1:]), f"model {model.name!r}", what)
+    retrain.check_labelled_data(dataset, model.name, what, labels="sparse")
+
+
+def _fit_steps(model, optimizer, train, steps, seed, verbose):
+    _check_labelled(model, train, "training data")
     keras.utils.set_random_seed(seed)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    ds = data.to_dataset(x, y, batch_size=batch_size, shuffle=True, seed=seed).repeat()
-    return model.fit(ds, epochs=1, steps_per_epoch=int(steps), verbose=verbose)
+    return model.fit(
+        train.repeat(), epochs=1, steps_per_epoch=int(steps), shuffle=False, verbose=verbose
+    )
 
 
 def train_sparse(
     model: keras.Model,
-    x: np.ndarray,
-    y: np.ndarray,
+    train: tf.data.Dataset,
     *,
     rho: float,
     steps: int,
     learning_rate: float = 0.01,
     momentum: float = 0.9,
-    batch_size: int = 128,
     seed: int = 0,
     verbose: int = 0,
 ) -> keras.callbacks.History:
     """Trains ``model`` in place for ``steps`` steps with :class:`ISTASGD` and
-    :func:`memory_lambdas` (loss + rho * sum_l lambda_l ||gamma_l||_1), sparse labels."""
+    :func:`memory_lambdas` (loss + rho * sum_l lambda_l ||gamma_l||_1) on ``train``, a
+    batched tf.data.Dataset of (inputs, class indices), repeated as needed."""
     optimizer = ISTASGD(memory_lambdas(model), rho, learning_rate=learning_rate, momentum=momentum)
-    return _fit_steps(model, optimizer, x, y, steps, batch_size, seed, verbose)
+    return _fit_steps(model, optimizer, train, steps, seed, verbose)
 
 
 def fine_tune(
     model: keras.Model,
-    x: np.ndarray,
-    y: np.ndarray,
+    train: tf.data.Dataset,
     *,
     steps: int,
     learning_rate: float = 0.01,
     momentum: float = 0.9,
-    batch_size: int = 128,
     seed: int = 0,
     verbose: int = 0,
 ) -> keras.callbacks.History | None:
-    """Fine-tunes ``model`` in place for ``steps`` SGD steps (rho = 0); None when steps = 0."""
+    """Fine-tunes ``model`` in place for ``steps`` SGD steps (rho = 0) on ``train``, a
+    batched tf.data.Dataset of (inputs, class indices); None when steps = 0."""
     if steps <= 0:
         return None
     optimizer = keras.optimizers.SGD(learning_rate, momentum=momentum)
-    return _fit_steps(model, optimizer, x, y, steps, batch_size, seed, verbose)
+    return _fit_steps(model, optimizer, train, steps, seed, verbose)
 
 
 @dataclasses.dataclass
@@ -648,8 +665,7 @@ class ISTAReport:
 
 def ista_prune(
     model: keras.Model,
-    x: np.ndarray,
-    y: np.ndarray,
+    train: tf.data.Dataset,
     *,
     rho: float,
     steps: int,
@@ -658,11 +674,10 @@ def ista_prune(
     learning_rate: float = 0.01,
     fine_tune_learning_rate: float | None = None,
     momentum: float = 0.9,
-    batch_size: int = 128,
     seed: int = 0,
     absorption: str = "interior",
     recalibration_examples: int = 2000,
-    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    validation: tf.data.Dataset | None = None,
     verbose: int = 0,
 ) -> tuple[keras.Model, ISTAReport]:
     """The whole method: rescale gammas by alpha, ISTA-train, remove zero channels, undo the
@@ -670,7 +685,8 @@ def ista_prune(
 
     Args:
         model: keras.Model (logits output) with BatchNorm scales; not modified.
-        x, y: training inputs and sparse integer labels.
+        train: batched tf.data.Dataset of (inputs, class indices), shuffled as you like
+            (e.g. ``mtz_tf.data.to_dataset(x, y, shuffle=True)``); repeated as needed.
         rho: float, global sparsity strength.
         steps: int, ISTA training steps (batches).
         fine_tune_steps: int, fine-tuning steps after removal.
@@ -678,42 +694,43 @@ def ista_prune(
         learning_rate: float, SGD learning rate of the ISTA phase (mu_t).
         fine_tune_learning_rate: float or None (None: ``learning_rate``).
         momentum: float, SGD momentum of the non-gamma variables.
-        batch_size: int.
-        seed: int, seeds shuffling and Keras.
+        seed: int, seeds Keras (the fine-tuning phase uses ``seed + 1``).
         absorption: str, see :func:`remove_zero_channels`.
         recalibration_examples: int, training examples used by
-            :func:`recalibrate_batchnorm` after ISTA, after removal and after fine-tuning
-            (0: never).
-        validation: optional ``(x, y)``; accuracies after each stage go into the report.
+            :func:`recalibrate_batchnorm` (read from ``train``) after ISTA, after removal
+            and after fine-tuning (0: never).
+        validation: optional batched tf.data.Dataset of (inputs, class indices);
+            accuracies after each stage go into the report.
         verbose: int, Keras progress verbosity.
 
     Returns:
         ``(pruned_model, report)``: a new, physically smaller model and an :class:`ISTAReport`.
     """
+    _check_labelled(model, train, "training data")
+    if validation is not None:
+        _check_labelled(model, validation, "validation data")
     accuracies = {}
 
     def evaluate(stage, m):
         if validation is not None:
-            accuracies[stage] = training.accuracy(m, *validation)
+            accuracies[stage] = training.dataset_accuracy(m, validation)
 
     evaluate("input", model)
     sparse = rescale_gamma(model, alpha)
     history = train_sparse(
         sparse,
-        x,
-        y,
+        train,
         rho=rho,
         steps=steps,
         learning_rate=learning_rate,
         momentum=momentum,
-        batch_size=batch_size,
         seed=seed,
         verbose=verbose,
     )
 
     def recalibrate(m):
         if recalibration_examples > 0:
-            recalibrate_batchnorm(m, x, recalibration_examples)
+            recalibrate_batchnorm(m, train, recalibration_examples)
 
     recalibrate(sparse)
     evaluate("sparse", sparse)
@@ -722,12 +739,10 @@ def ista_prune(
     recalibrate(pruned)
     fine_tune(
         pruned,
-        x,
-        y,
+        train,
         steps=fine_tune_steps,
         learning_rate=learning_rate if fine_tune_learning_rate is None else fine_tune_learning_rate,
         momentum=momentum,
-        batch_size=batch_size,
         seed=seed + 1,
         verbose=verbose,
     )
