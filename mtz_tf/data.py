@@ -249,18 +249,18 @@ def dataset_inputs(dataset, input_shape: tuple, whose: str, what: str) -> tf.dat
     return dataset
 
 
-def first_inputs(dataset: tf.data.Dataset, count: int) -> np.ndarray:
+def first_inputs(dataset: tf.data.Dataset, count: int, what: str = "dataset") -> np.ndarray:
     """The first ``count`` inputs (fewer if the dataset ends first) of a dataset of input
-    batches or (inputs, labels) batches, as one array."""
+    batches or (inputs, labels) batches, as one array; ``what`` names it in errors."""
     batches, seen = [], 0
     for element in dataset:
-        x = element[0] if isinstance(element, tuple) else element
+        x = element[0] if isinstance(element, (tuple, list)) else element
         batches.append(np.asarray(x))
         seen += len(batches[-1])
         if seen >= count:
             break
     if not batches:
-        raise ValueError("The dataset is empty: no inputs to read.")
+        raise ValueError(f"The {what} is an empty dataset: no inputs to read.")
     return np.concatenate(batches)[:count]
 
 

@@ -35,6 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mtz_tf import data as data_lib
 from mtz_tf import io_utils
 
 _LOG = logging.getLogger(__name__)
@@ -240,17 +241,7 @@ def write_saved_model(model: keras.Model, path: str, per_task: Mapping) -> list:
 def _samples(data, limit: int) -> np.ndarray:
     """Up to ``limit`` input samples from an array, a (x, y) tuple or a batched dataset."""
     if isinstance(data, tf.data.Dataset):
-        chunks, count = [], 0
-        for element in data:
-            x = element[0] if isinstance(element, (tuple, list)) else element
-            x = np.asarray(x)
-            chunks.append(x)
-            count += len(x)
-            if count >= limit:
-                break
-        if not chunks:
-            raise ValueError("`representative_data` is an empty dataset.")
-        return np.concatenate(chunks)[:limit]
+        return data_lib.first_inputs(data, limit, "`representative_data`")
     if isinstance(data, tuple) and len(data) == 2:  # (x, y); a list is a list of inputs.
         data = data[0]
     return np.asarray(data)[:limit]

@@ -566,7 +566,7 @@ def recalibrate_batchnorm(
     inputs = data.dataset_inputs(
         dataset, tuple(model.input_shape[1:]), f"model {model.name!r}", "recalibration data"
     )
-    x = data.first_inputs(inputs, examples)
+    x = data.first_inputs(inputs, examples, "recalibration data")
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [bn.momentum for bn in bns]
     try:
