@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import quiet_startup  # noqa: F401 (first: quiets TensorFlow's native log)
 
-import dataclasses
 import json
 import os
 import sys
@@ -244,9 +243,7 @@ def main(argv):
             validation=validation,
             verbose=2,
         )
-        rows.append(
-            _row("ISTA", rho, pruned, val, test, time.time() - start, dataclasses.asdict(report))
-        )
+        rows.append(_row("ISTA", rho, pruned, val, test, time.time() - start, report.to_dict()))
         io_utils.save_model(pruned, os.path.join(FLAGS.output_dir, f"ista_rho{rho}.keras"))
 
         if report.params_after == report.params_before:

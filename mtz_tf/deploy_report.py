@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from mtz_tf import exporter as export_lib
 from mtz_tf import io_utils
+from mtz_tf.report import Report
 
 REPORT_MARKDOWN = "deployment_report.md"
 REPORT_JSON = "deployment_report.json"
@@ -47,7 +48,7 @@ _LATENCY_ROWS = (
 
 
 @dataclasses.dataclass
-class DeploymentReport:
+class DeploymentReport(Report):
     """Sizes and latencies of a zipped model against its separate input models.
 
     Attributes:
@@ -86,8 +87,15 @@ class DeploymentReport:
         entry = self.latency_ms[backend]
         return entry["zipped"] / entry["separate"]
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    @property
+    def params_before(self) -> int:
+        """Parameters of the separate models together."""
+        return self.parameters["separate"]
+
+    @property
+    def params_after(self) -> int:
+        """Parameters of the zipped model."""
+        return self.parameters["zipped"]
 
     def to_markdown(self, title: str | None = None) -> str:
         """A Markdown table: one row per size and latency, zipped / separate ratios."""

@@ -1,4 +1,9 @@
-"""The JSON-serializable report that ``zip_models`` returns, as a table and a figure."""
+"""The JSON-serializable reports of the library's methods: the one ``zip_models`` returns
+(as a table and a figure) and the pattern every method's report follows.
+
+Every report is a dataclass with ``params_before`` and ``params_after`` (``count_params``
+of the input model(s) and of the result), ``to_dict()`` (plain JSON types) and
+``to_json()``; :class:`Report` provides the last two."""
 
 from __future__ import annotations
 
@@ -6,6 +11,17 @@ import dataclasses
 import json
 
 from mtz_tf import io_utils
+
+
+class Report:
+    """The serialisation every method's report dataclass shares."""
+
+    def to_dict(self) -> dict:
+        """The report as plain JSON types (``dataclasses.asdict``)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
 
 
 @dataclasses.dataclass
@@ -52,7 +68,7 @@ class LayerReport:
 
 
 @dataclasses.dataclass
-class ZipReport:
+class ZipReport(Report):
     """Per-layer results and parameter counts of a zip.
 
     Attributes:
@@ -205,16 +221,27 @@ class ZipReport:
         """Total joint retraining iterations over all layers."""
         return sum(layer.retrain_steps for layer in self.layers)
 
-    def to_dict(self) -> dict:
-        result = dataclasses.asdict(self)
-        result["retrain_steps"] = self.retrain_steps
-        return result
+    @property
+    def params_before(self) -> int | None:
+        """Parameters of the input models together (None before the zip finished)."""
+        return self.parameters.get("input_models")
 
-    def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+    @property
+    def params_after(self) -> int | None:
+        """Parameters of the zipped model, shared ones counted once."""
+        return self.parameters.get("total")
+
+    _DERIVED = ("retrain_steps", "params_before", "params_after")
+
+    def to_dict(self) -> dict:
+        """The fields and the derived totals (``retrain_steps``, ``params_before``,
+        ``params_after``) as plain JSON types."""
+        result = super().to_dict()
+        result.update({key: getattr(self, key) for key in self._DERIVED})
+        return result
 
     @classmethod
     def from_dict(cls, values: dict) -> ZipReport:
-        values = {k: v for k, v in values.items() if k != "retrain_steps"}
+        values = {k: v for k, v in values.items() if k not in cls._DERIVED}
         layers = [LayerReport(**layer) for layer in values.pop("layers", [])]
         return cls(layers=layers, **values)

@@ -1,5 +1,7 @@
 """Tests for mtz_tf.compress.ista (and the channel groups it relies on)."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -420,6 +422,9 @@ def test_ista_prune_removes_channels_and_round_trips(tmp_path):
     )
     assert report.params_after == pruned.count_params() < report.params_before
     assert report.params_before == model.count_params()
+    assert json.loads(report.to_json())["channels"] == {
+        name: list(counts) for name, counts in report.channels.items()
+    }
     assert report.flops_after < report.flops_before
     assert sum(after for _, after in report.channels.values()) < sum(
         before for before, _ in report.channels.values()

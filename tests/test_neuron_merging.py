@@ -1,5 +1,6 @@
 """Tests for mtz_tf.compress.neuron_merging against independent computations."""
 
+import json
 import os
 
 import keras
@@ -330,6 +331,9 @@ def test_sequential_model_and_ratio_zero():
         smaller.count_params(),
     )
     assert report.criterion == "l1-norm" and report.merge
+    decoded = json.loads(report.to_json())
+    assert decoded["params_after"] == smaller.count_params()
+    assert decoded["layers"][0]["kept"] == 4
 
 
 def test_keep_count_rounds_like_the_reference():

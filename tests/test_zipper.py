@@ -170,6 +170,10 @@ def test_report_is_json_and_inputs_are_not_mutated(lenet_a, lenet_b, calibration
     assert decoded["parameters"]["ratio"] == pytest.approx(
         decoded["parameters"]["total"] / decoded["parameters"]["input_models"]
     )
+    # The counts every method's report carries, against Keras's own counts.
+    assert decoded["params_before"] == lenet_a.count_params() + lenet_b.count_params()
+    assert decoded["params_after"] == report.parameters["total"] < decoded["params_before"]
+    assert mtz_tf.ZipReport.from_dict(decoded).to_dict() == decoded
     expected_a = np.mean(np.argmax(lenet_a.predict(x_test, verbose=0), -1) == y_test)
     assert decoded["accuracy_original"]["a"] == pytest.approx(expected_a)
     assert set(decoded["layers"][0]["accuracy_after_retraining"]) == {"a", "b"}

@@ -35,6 +35,7 @@ from keras import ops
 
 from mtz_tf import data, retrain, scalar_ops, training
 from mtz_tf.compress import bn_graph, flops, surgery
+from mtz_tf.report import Report
 
 
 def soft_threshold(x, threshold):
@@ -635,8 +636,9 @@ def fine_tune(
 
 
 @dataclasses.dataclass
-class ISTAReport:
-    """What :func:`ista_prune` did (JSON-serialisable with ``dataclasses.asdict``).
+class ISTAReport(Report):
+    """What :func:`ista_prune` did (``to_dict()``/``to_json()``, the pattern of
+    :class:`mtz_tf.report.Report`).
 
     Attributes:
         rho, alpha, steps, fine_tune_steps: the settings used.

@@ -60,6 +60,7 @@ from mtz_tf import layer_types, scalar_ops
 from mtz_tf.compress import criteria as criteria_lib
 from mtz_tf.compress import surgery
 from mtz_tf.layers import _ZippedLayer
+from mtz_tf.report import Report
 
 SCALES = ("reference", "exact")
 """Scale formulas of the BatchNorm variant (identical for layers without BatchNorm)."""
@@ -123,10 +124,10 @@ class PrunedLayer:
 
 
 @dataclasses.dataclass(frozen=True)
-class NeuronMergingReport:
-    """What :func:`compress` did (JSON-serialisable with ``dataclasses.asdict``), in the
-    pattern of :class:`mtz_tf.compress.ista.ISTAReport`: the settings, the parameter counts
-    and the per-layer entries.
+class NeuronMergingReport(Report):
+    """What :func:`compress` did (``to_dict()``/``to_json()``), in the pattern of
+    :class:`mtz_tf.report.Report`: the settings, the parameter counts and the per-layer
+    entries.
 
     Attributes:
         criterion: str, how the kept neurons were chosen.
