@@ -56,7 +56,6 @@ def main(argv):
     retrain = mtz_tf.Retrain(
         {t: data.training_stream(x, y, 32, seed=i) for i, t in enumerate(tasks)},
         steps_per_layer=FLAGS.retrain_steps,
-        optimizer="adam",
         verbose=2,
     )
     zipped, report = mtz_tf.zip_models(

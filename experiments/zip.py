@@ -55,8 +55,14 @@ flags.DEFINE_integer(
     "(one batch per task per iteration; 0: no retraining).",
 )
 flags.DEFINE_integer("retrain_batch_size", 32, "Samples per task per retraining iteration.")
-flags.DEFINE_float("learning_rate", 1e-3, "Retraining learning rate.")
-flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Retraining optimizer.")
+flags.DEFINE_enum(
+    "optimizer",
+    "default",
+    ["default", "adam", "sgd"],
+    "Retraining optimizer. default: a fresh copy of the input models' compiled optimizer at "
+    "its compiled learning rate, else Adam at 1e-3 (the report records which).",
+)
+flags.DEFINE_float("learning_rate", None, "Learning rate of --optimizer=adam|sgd (default 1e-3).")
 flags.DEFINE_enum("eval_split", "test", ["validation", "test"], "Split for reported accuracy.")
 flags.DEFINE_string("checkpoint_dir", None, "Save after every layer and resume from here.")
 flags.DEFINE_integer("seed", 0, "Seed of calibration sampling, data order, random pairing.")
@@ -70,11 +76,19 @@ flags.DEFINE_string(
 
 
 def optimizer():
+    """The --optimizer, or None for the library's default."""
     import keras
 
-    if FLAGS.optimizer == "sgd":
-        return keras.optimizers.SGD(FLAGS.learning_rate)
-    return keras.optimizers.Adam(FLAGS.learning_rate)
+    if FLAGS.optimizer == "default":
+        if FLAGS.learning_rate is not None:
+            raise app.UsageError(
+                "--learning_rate applies to --optimizer=adam or sgd; the default optimizer "
+                "keeps the input models' compiled learning rate."
+            )
+        return None
+    rate = 1e-3 if FLAGS.learning_rate is None else FLAGS.learning_rate
+    cls = keras.optimizers.SGD if FLAGS.optimizer == "sgd" else keras.optimizers.Adam
+    return cls(rate)
 
 
 def main(argv):

@@ -85,6 +85,8 @@ class ZipReport(Report):
         coupled_groups: for a residual network, the layers of each residual stream
             (zipped with one matching), or None.
         alignment_seconds: time spent on the provisional alignment of residual streams.
+        retrain_optimizer: the retraining optimizer, {"class_name", "config", "source"}
+            (:func:`mtz_tf.retrain.resolve_optimizer`), or None without retraining.
     """
 
     tasks: list
@@ -97,6 +99,7 @@ class ZipReport(Report):
     share_allocation: dict | None = None
     coupled_groups: list | None = None
     alignment_seconds: float = 0.0
+    retrain_optimizer: dict | None = None
 
     def __str__(self) -> str:
         return self.table()
@@ -148,6 +151,11 @@ class ZipReport(Report):
                 f"Parameters: {p['input_models']:,} in the input models -> {p['total']:,} "
                 f"zipped ({100 * p['ratio']:.1f} %), {p['shared']:,} of them shared."
             )
+        if self.retrain_optimizer:
+            o = self.retrain_optimizer
+            rate = o["config"].get("learning_rate")
+            rate = f"learning rate {rate:.3g}" if isinstance(rate, float) else f"{rate}"
+            lines.append(f"Retraining optimizer: {o['class_name']}, {rate} ({o['source']}).")
         return "\n".join(lines)
 
     def figure(self):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -31,7 +32,10 @@ class Retrain:
     Attributes:
         train: {task: tf.data.Dataset of (x, y) batches} (repeated as needed).
         steps_per_layer: int, or a sequence with one count per hidden layer.
-        optimizer: a Keras optimizer (instance, name or config). Default SGD, lr 0.01.
+        optimizer: a Keras optimizer (instance, name or config). Default (None): a fresh
+            copy of the input models' compiled optimizer, at its compiled learning rate
+            (the first model's if they differ, with a warning), else Adam with learning
+            rate 1e-3; see :func:`resolve_optimizer`. The zip report records which.
         loss: a Keras loss for every task. Default: sparse categorical cross-entropy on
             logits (``from_logits=False`` when the output activation is softmax).
         callbacks: Keras callbacks passed to every retraining ``fit``.
@@ -62,12 +66,86 @@ class Retrain:
         return counts[layer_index]
 
     def new_optimizer(self) -> keras.optimizers.Optimizer:
-        """A fresh optimizer built from ``optimizer`` (never the user's instance itself)."""
+        """A fresh optimizer built from ``optimizer`` (never the user's instance itself);
+        Adam at 1e-3 when it is None (``zip_models`` first resolves None from the input
+        models with :func:`resolve_optimizer`)."""
         if self.optimizer is None:
-            return keras.optimizers.SGD(learning_rate=0.01)
+            return keras.optimizers.Adam(learning_rate=DEFAULT_LEARNING_RATE)
         if isinstance(self.optimizer, keras.optimizers.Optimizer):
-            return self.optimizer.__class__.from_config(self.optimizer.get_config())
+            return _fresh_copy(self.optimizer)
         return keras.optimizers.get(self.optimizer)
+
+
+DEFAULT_LEARNING_RATE = 1e-3
+
+
+def _fresh_copy(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """A new optimizer of the same class and config (no slots, no iterations)."""
+    return type(optimizer).from_config(optimizer.get_config())
+
+
+def optimizer_record(optimizer: keras.optimizers.Optimizer, source: str) -> dict:
+    """{"class_name", "config", "source"} of ``optimizer`` as JSON types, the config
+    without the instance name (Keras numbers those: adam, adam_1, ...)."""
+    config = keras.optimizers.serialize(optimizer)["config"]
+    config = {k: v for k, v in config.items() if k != "name"}
+    return {
+        "class_name": type(optimizer).__name__,
+        "config": json.loads(json.dumps(config, default=float)),
+        "source": source,
+    }
+
+
+def resolve_optimizer(
+    retrain: Retrain | None, models: Mapping[str, keras.Model]
+) -> tuple[Retrain | None, dict | None]:
+    """``retrain`` with its default optimizer made concrete, and the record of the
+    optimizer (:func:`optimizer_record`) for the report.
+
+    ``models`` maps a description of each input model (e.g. "task 'a''s input model") to
+    the model. An ``optimizer`` the user gave is kept (source "Retrain.optimizer").
+    Otherwise, when any of ``models`` was compiled, the optimizer is a fresh copy of the
+    first compiled model's own, with its learning rate as compiled (the source names that
+    model); if the compiled models' optimizers differ in class or config, the first one's
+    is used, and the record and a warning name the others. With no compiled model it is
+    Adam with learning rate 1e-3 (source "default"). As reported on a
+    different-task LeNet-300-100 pair fully zipped with 1,000 joint steps, SGD at 0.01 (the
+    former default) lost 0.80 and 0.91 points where Adam at 1e-3 lost 0.20 and gained 0.42.
+    """
+    if retrain is None:
+        return None, None
+    if retrain.optimizer is not None:
+        return retrain, optimizer_record(retrain.new_optimizer(), "Retrain.optimizer")
+    compiled = {
+        label: model.optimizer
+        for label, model in models.items()
+        if isinstance(getattr(model, "optimizer", None), keras.optimizers.Optimizer)
+    }
+    if not compiled:
+        return retrain, optimizer_record(retrain.new_optimizer(), "default")
+    records = {label: optimizer_record(opt, label) for label, opt in compiled.items()}
+    first = next(iter(compiled))
+    differing = {
+        label: f"{label}: {r['class_name']} {r['config']}"
+        for label, r in records.items()
+        if (r["class_name"], r["config"])
+        != (records[first]["class_name"], records[first]["config"])
+    }
+    record = records[first]
+    if differing:
+        others = "; ".join(differing.values())
+        record["source"] += f" (the input models' optimizers differ: {others})"
+        _LOG.warning(
+            "The input models were compiled with different optimizers; retraining uses a "
+            "fresh copy of the optimizer of %s (%s %s), not %s. Set `Retrain.optimizer` to "
+            "choose another.",
+            first,
+            record["class_name"],
+            record["config"],
+            others,
+        )
+    resolved = dataclasses.replace(retrain, optimizer=_fresh_copy(compiled[first]))
+    return resolved, record
 
 
 def _labels_spec(dataset, task: str, what: str):

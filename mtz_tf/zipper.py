@@ -33,7 +33,7 @@ from mtz_tf import allocation, checkpoint, cost, data, driver, graph, layers, zi
 from mtz_tf import matching as matching_lib
 from mtz_tf.layer_zip import HESSIAN_MODES, PAIRINGS, TIES
 from mtz_tf.report import ZipReport
-from mtz_tf.retrain import Retrain, check_labelled_data, task_accuracies
+from mtz_tf.retrain import Retrain, check_labelled_data, resolve_optimizer, task_accuracies
 
 _LOG = logging.getLogger(__name__)
 
@@ -271,6 +271,9 @@ def zip_models(
     plan = plans[task_names[0]]
     calibration = _calibration_inputs(calibration, plan, task_names)
     _check_side_data(evaluation, retrain, task_names)
+    retrain, optimizer_used = resolve_optimizer(
+        retrain, {f"task {t!r}'s input model": models[t] for t in task_names}
+    )
     hidden = plan.hidden_units
     store = None
     if checkpoint_dir is not None:
@@ -292,6 +295,7 @@ def zip_models(
         pairing=pairing,
         tie=tie,
         share_allocation=allocation_info,
+        retrain_optimizer=optimizer_used,
     )
     states = zipped_network.separate_states(plans, models, batch_norm)
     start, resumed, save = 0, None, None
@@ -444,7 +448,10 @@ def add_task(
         hessian=hessian,
         seed=0,
     )
-    report = ZipReport(tasks=task_names, matching=matching)
+    retrain, optimizer_used = resolve_optimizer(
+        retrain, {"the zipped model": zipped, f"task {task!r}'s input model": model}
+    )
+    report = ZipReport(tasks=task_names, matching=matching, retrain_optimizer=optimizer_used)
     run = (retrain, evaluation, report, verbose)
     result = driver.join_graph(
         plan, zipped, task, model, task_names, states, newcomer, calibration, config, run

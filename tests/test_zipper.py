@@ -10,6 +10,7 @@ from conftest import InterruptAtTraining, assert_close
 
 import mtz_tf
 from mtz_tf import data, models
+from mtz_tf.retrain import resolve_optimizer
 
 
 def test_zipping_a_model_with_its_permutation_recovers_it(lenet_a, calibration, fashion):
@@ -174,6 +175,10 @@ def test_report_is_json_and_inputs_are_not_mutated(lenet_a, lenet_b, calibration
     assert decoded["params_before"] == lenet_a.count_params() + lenet_b.count_params()
     assert decoded["params_after"] == report.parameters["total"] < decoded["params_before"]
     assert mtz_tf.ZipReport.from_dict(decoded).to_dict() == decoded
+    # The fixtures are compiled with Adam at 1e-3 (training.compile_classifier).
+    assert decoded["retrain_optimizer"]["class_name"] == "Adam"
+    assert decoded["retrain_optimizer"]["source"] == "task 'a''s input model"
+    assert "Retraining optimizer: Adam, learning rate 0.001" in report.table()
     expected_a = np.mean(np.argmax(lenet_a.predict(x_test, verbose=0), -1) == y_test)
     assert decoded["accuracy_original"]["a"] == pytest.approx(expected_a)
     assert set(decoded["layers"][0]["accuracy_after_retraining"]) == {"a", "b"}
@@ -319,3 +324,41 @@ def test_multi_head_model_then_neuron_merging(lenet_a, lenet_b, calibration, fas
     partial, _ = mtz_tf.zip_models({"a": lenet_a, "b": lenet_b}, calib, share=0.5, verbose=0)
     with pytest.raises(ValueError, match="not fully shared"):
         mtz_tf.zipped_network.multi_head_model(partial)
+
+
+def _classifier(optimizer=None):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="out")])
+    if optimizer is not None:
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    return model
+
+
+def test_default_retraining_optimizer_is_the_input_models_own(caplog):
+    stream = {"a": data.to_dataset(np.zeros((4, 4)), np.zeros(4, "int64"))}
+    retrain = mtz_tf.Retrain(stream, 1, verbose=0)
+    own = keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
+    model = _classifier(own)
+    resolved, record = resolve_optimizer(retrain, {"task 'a'": model, "task 'b'": model})
+    assert retrain.optimizer is None  # the user's settings are not changed
+    fresh = resolved.new_optimizer()
+    assert isinstance(fresh, keras.optimizers.SGD) and fresh is not own
+    assert float(fresh.learning_rate) == pytest.approx(0.05)
+    assert record["class_name"] == "SGD" and record["source"] == "task 'a'"
+    assert record["config"]["momentum"] == pytest.approx(0.9)
+    assert json.loads(json.dumps(record)) == record
+    # Uncompiled models: Adam at 1e-3.
+    _, record = resolve_optimizer(retrain, {"task 'a'": _classifier()})
+    assert (record["class_name"], record["source"]) == ("Adam", "default")
+    assert record["config"]["learning_rate"] == pytest.approx(1e-3)
+    # The user's choice wins.
+    chosen = mtz_tf.Retrain(stream, 1, optimizer=keras.optimizers.RMSprop(2e-4), verbose=0)
+    _, record = resolve_optimizer(chosen, {"task 'a'": model})
+    assert (record["class_name"], record["source"]) == ("RMSprop", "Retrain.optimizer")
+    # Models that disagree: the first one's, said in the record and a warning.
+    other = _classifier(keras.optimizers.Adam(3e-4))
+    with caplog.at_level("WARNING"):
+        resolved, record = resolve_optimizer(retrain, {"task 'a'": other, "task 'b'": model})
+    assert isinstance(resolved.new_optimizer(), keras.optimizers.Adam)
+    assert record["config"]["learning_rate"] == pytest.approx(3e-4)
+    assert "differ" in record["source"] and "task 'b'" in record["source"]
+    assert "different optimizers" in caplog.text
