@@ -38,31 +38,48 @@ def greedy(cost, k: int) -> tuple[np.ndarray, np.ndarray]:
     Implemented without a scan over pairs: with ties broken by flat index (a strict order),
     the greedy matching equals the *locally dominant* one, built in rounds that accept every
     pair that is the cheapest of both its row and its column among unused rows and columns.
-    Each round is vectorized; the greedy acceptance order is ascending cost, so its first k
-    pairs are the k cheapest pairs of the full matching.
+    ``argmin`` returns the first minimum, so on the matrix restricted to the unused rows and
+    columns (kept in ascending index order) it breaks ties by flat index without ranking the
+    entries. Each round is vectorized and works on the shrinking unused submatrix. The greedy
+    acceptance order is ascending cost, so its first k pairs are the k cheapest of the full
+    matching; once k accepted pairs are all cheaper than every unused entry, no later pair
+    can enter them and the rounds stop.
     """
     cost = _validate(cost, k)
-    n_a, n_b = cost.shape
     if k == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    # Rank of every entry in (cost, flat index) order: a strict total order, no ties.
-    rank = np.empty(cost.size, dtype=np.int64)
-    rank[np.argsort(cost, axis=None, kind="stable")] = np.arange(cost.size)
-    rank = rank.reshape(n_a, n_b)
-    big = np.iinfo(np.int64).max
-    row_free, col_free = np.ones(n_a, bool), np.ones(n_b, bool)
-    rows, cols = [], []
-    while row_free.any() and col_free.any():
-        masked = np.where(row_free[:, None] & col_free[None, :], rank, big)
-        best_col = masked.argmin(axis=1)  # cheapest free column of each row
-        best_row = masked.argmin(axis=0)  # cheapest free row of each column
-        r = np.flatnonzero(row_free & (best_row[best_col] == np.arange(n_a)))
-        c = best_col[r]
-        rows.append(r)
-        cols.append(c)
-        row_free[r] = False
-        col_free[c] = False
-    rows, cols = _sorted_by_cost(cost, np.concatenate(rows), np.concatenate(cols))
+    rows_left, cols_left = np.arange(cost.shape[0]), np.arange(cost.shape[1])
+    sub = cost
+    rows, cols = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    while rows_left.size and cols_left.size:
+        if rows.size >= k:
+            # The k-th cheapest accepted pair in (cost, flat index) order, against the
+            # cheapest unused entry: a later pair costs at least that much, and at equal
+            # cost its flat index decides.
+            kept = _sorted_by_cost(cost, rows, cols)
+            last = (
+                cost[kept[0][k - 1], kept[1][k - 1]],
+                kept[0][k - 1] * cost.shape[1] + kept[1][k - 1],
+            )
+            flat = sub.argmin()
+            first = (
+                sub.flat[flat],
+                rows_left[flat // sub.shape[1]] * cost.shape[1] + cols_left[flat % sub.shape[1]],
+            )
+            if last < first:
+                break
+        best_col = sub.argmin(axis=1)  # cheapest unused column of each unused row
+        best_row = sub.argmin(axis=0)  # cheapest unused row of each unused column
+        mutual = np.flatnonzero(best_row[best_col] == np.arange(rows_left.size))
+        rows = np.concatenate([rows, rows_left[mutual]])
+        cols = np.concatenate([cols, cols_left[best_col[mutual]]])
+        row_kept = np.ones(rows_left.size, bool)
+        row_kept[mutual] = False
+        col_kept = np.ones(cols_left.size, bool)
+        col_kept[best_col[mutual]] = False
+        sub = sub[row_kept][:, col_kept]
+        rows_left, cols_left = rows_left[row_kept], cols_left[col_kept]
+    rows, cols = _sorted_by_cost(cost, rows, cols)
     return rows[:k], cols[:k]
 
 

@@ -39,6 +39,17 @@ def test_greedy_equals_sequential_scan(seed):
     assert cols.tolist() == expected_cols
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_stopping_early_keeps_the_scan_order(seed):
+    # Few of many pairs (k small), so the rounds stop before the matching is complete.
+    rng = np.random.default_rng(50 + seed)
+    n_a, n_b = rng.integers(20, 40, size=2)
+    cost = rng.integers(0, 30, size=(n_a, n_b)).astype(float)
+    k = int(rng.integers(1, 6))
+    rows, cols = matching.greedy(cost, k)
+    assert (rows.tolist(), cols.tolist()) == brute_force_greedy(cost, k)
+
+
 def brute_force_optimal_cost(cost, k):
     n_a, n_b = cost.shape
     best = np.inf
