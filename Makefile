@@ -52,6 +52,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cost.py
+	$(PY) benchmarks/bench_matching.py
 
 reproduce: $(STAMP) data
 	$(PY) experiments/reproduce.py --experiment=lenet300
