@@ -46,7 +46,7 @@ def _pair_record(pair: int, splits: dict) -> dict:
         seed = 2 * pair + offset
         model, _ = rx.cached_classifier(
             os.path.join(FLAGS.model_dir, f"lenet300_seed{seed}.keras"),
-            models.lenet_300_100,
+            lambda seed: models.lenet_300_100(seed=seed),
             splits,
             FLAGS.max_epochs,
             FLAGS.patience,
