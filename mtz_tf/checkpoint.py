@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from mtz_tf import io_utils
+from mtz_tf import retrain as retrain_lib
 
 _LOG = logging.getLogger(__name__)
 
@@ -86,12 +87,11 @@ def retrain_settings(retrain) -> dict | None:
     """
     if retrain is None:
         return None
-    optimizer = retrain.new_optimizer()
-    config = {k: v for k, v in optimizer.get_config().items() if k != "name"}  # name_1, ...
+    optimizer = retrain_lib.optimizer_record(retrain.new_optimizer(), source="")
     loss = retrain.loss
     return {
         "steps_per_layer": np.asarray(retrain.steps_per_layer).tolist(),
-        "optimizer": [type(optimizer).__name__, config],
+        "optimizer": [optimizer["class_name"], optimizer["config"]],
         "loss": None if loss is None else keras.saving.serialize_keras_object(loss),
         "train_specs": {t: repr(d.element_spec) for t, d in sorted(retrain.train.items())},
     }

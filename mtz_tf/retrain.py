@@ -18,6 +18,9 @@ from mtz_tf.report import LayerReport
 
 _LOG = logging.getLogger(__name__)
 
+DEFAULT_LEARNING_RATE = 1e-3
+"""Adam's learning rate when neither ``Retrain.optimizer`` nor the input models give one."""
+
 
 @dataclasses.dataclass
 class Retrain:
@@ -74,9 +77,6 @@ class Retrain:
         if isinstance(self.optimizer, keras.optimizers.Optimizer):
             return _fresh_copy(self.optimizer)
         return keras.optimizers.get(self.optimizer)
-
-
-DEFAULT_LEARNING_RATE = 1e-3
 
 
 def _fresh_copy(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
