@@ -38,7 +38,7 @@ flags.DEFINE_string(
     "Fraction of every hidden layer to share (e.g. 1.0), or "
     "per-layer counts/fractions like 'fc1=200,fc2=0.5'.",
 )
-flags.DEFINE_enum("matching", "greedy", list(mtz_tf.matching.METHODS), "Neuron matching.")
+flags.DEFINE_enum("matching", "optimal", list(mtz_tf.matching.METHODS), "Neuron matching.")
 flags.DEFINE_enum(
     "pairing", "hessian", list(zipper.PAIRINGS), "How neurons are paired (MTZ cost or a baseline)."
 )

@@ -104,7 +104,7 @@ def optimal(cost, k: int) -> tuple[np.ndarray, np.ndarray]:
     return _sorted_by_cost(cost, rows[real], cols[real])
 
 
-def match(cost, k: int, method: str = "greedy") -> tuple[np.ndarray, np.ndarray]:
+def match(cost, k: int, method: str = "optimal") -> tuple[np.ndarray, np.ndarray]:
     """Dispatches to :func:`greedy` or :func:`optimal` by name."""
     if method == "greedy":
         return greedy(cost, k)
