@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import cost, graph, hessian, layer_zip, zipped_network
+from mtz_tf import cost, graph, hessian, layer_zip, repair, zipped_network
 from mtz_tf import matching as matching_lib
 from mtz_tf.retrain import after_layer
 
@@ -560,7 +560,8 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
     u's group whose inputs are aligned (all of them when the group is first reached, else u
     alone); ``decide(g, current, u)`` matches and permutes group g at its first writer;
     then u's first k neurons of the ``joining`` tasks (None: all) are tied, the model is
-    rebuilt, and the layer is reported and retrained. ``options`` is ``(retrain,
+    rebuilt and repaired (:func:`mtz_tf.repair.repair_unit`, once anything is tied), and the
+    layer is reported and retrained. ``options`` is ``(retrain,
     evaluation, report, verbose, save)``; ``save(model, completed)`` checkpoints.
     """
     retrain, evaluation, report, verbose, save = options
@@ -569,6 +570,7 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
     retrain_offset = sum(layer.retrain_steps for layer in report.layers)
     propagate_common(plan, states)
     model = zipped_network.build_model(plan, task_names, states)
+    changed = any(state.shared_units for state in states[:start])  # anything tied yet
     for u in range(start, len(plan.hidden_units)):
         began = time.time()
         g = top.group_of.get(u)  # None for a spanning unit: its order is its inputs'
@@ -587,12 +589,23 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
         if g is not None and g not in decided:
             decide(g, current, u)
             decided.add(g)
+            if config["repair"] != "none":  # the repair's "before" in the new neuron order
+                model = zipped_network.build_model(plan, task_names, states)
         timings["costs_matching"] = time.time() - began - sum(timings.values())
         merge_cost = tie_unit(states[u], top.unit_share(u), current[u], config, joining)
+        changed = changed or top.unit_share(u) > 0
         propagate_common(plan, states)
         timings["merge"] = time.time() - began - sum(timings.values())
-        model = zipped_network.build_model(plan, task_names, states)
+        before, model = model, zipped_network.build_model(plan, task_names, states)
         timings["rebuild"] = time.time() - began - sum(timings.values())
+        repaired = (
+            repair.repair_unit(
+                before, model, plan, states, u, calibration, config, top.unit_share(u) > 0, joining
+            )
+            if changed
+            else ""
+        )
+        timings["repair"] = time.time() - began - sum(timings.values())
         layer_report, retrain_offset = after_layer(
             model,
             plan,
@@ -606,6 +619,7 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
             timings,
             verbose,
         )
+        layer_report.repair = repaired
         report.layers.append(layer_report)
         if save:
             save(model, u + 1)

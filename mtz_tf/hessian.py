@@ -33,21 +33,37 @@ class PerChannel:
     rows: tf.Tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class Cross:
+    """Two row sets of one batch, (n, d) and (n, e), whose cross moment Σ_n x̃_n ỹ_nᵀ
+    (:func:`outer_sum`) is wanted: e.g. a layer's inputs in a zipped model and in the
+    original one, for a least-squares refit (:mod:`mtz_tf.repair`)."""
+
+    x: tf.Tensor
+    y: tf.Tensor
+
+
+def _flat_rows(x, append_bias: bool) -> tf.Tensor:
+    x = tf.cast(tf.reshape(x, [tf.shape(x)[0], -1]), tf.float64)  # (n, d)
+    return augment(x) if append_bias else x
+
+
 def outer_sum(x, append_bias: bool) -> tuple[tf.Tensor, tf.Tensor]:
     """Σ_n x̃_n x̃_nᵀ (float64, (d, d) or (d+1, d+1)) and the row count n of a batch (n, d)
     (or (n, ...), flattened per row).
 
     :class:`PerChannel` rows (n, d, C) give C Hessians, one per channel: (C, d, d) (or
-    (C, d+1, d+1)).
+    (C, d+1, d+1)); :class:`Cross` rows give Σ_n x̃_n ỹ_nᵀ, (d(+1), e(+1)).
     """
+    if isinstance(x, Cross):
+        left, right = _flat_rows(x.x, append_bias), _flat_rows(x.y, append_bias)
+        return tf.matmul(left, right, transpose_a=True), tf.cast(tf.shape(left)[0], tf.float64)
     if isinstance(x, PerChannel):
         x = tf.cast(x.rows, tf.float64)
         if append_bias:
             x = tf.concat([x, tf.ones_like(x[:, :1])], axis=1)
         return tf.einsum("npc,nqc->cpq", x, x), tf.cast(tf.shape(x)[0], tf.float64)
-    x = tf.cast(tf.reshape(x, [tf.shape(x)[0], -1]), tf.float64)  # (n, d)
-    if append_bias:
-        x = augment(x)
+    x = _flat_rows(x, append_bias)
     return tf.matmul(x, x, transpose_a=True), tf.cast(tf.shape(x)[0], tf.float64)
 
 

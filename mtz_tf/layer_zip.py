@@ -71,16 +71,14 @@ def hessian_width(state: LayerState) -> int | None:
     return None if graph.is_channelwise(state) else state.input_shared_units
 
 
-def layers_hessians(
-    model: keras.Model,
-    layers: list,
-    states: list,
-    calibration: dict,
-    mode: str,
-) -> list[list[tf.Tensor]]:
-    """Each task's Hessian of every layer's inputs at shared positions (+ bias), per layer,
-    per task: task t's Hessian uses task t's calibration data through the current zipped
-    ``model``; one pass over each task's data serves all ``layers``."""
+def task_inputs(model: keras.Model, layers: list, widths: list | None = None):
+    """A function ``(batch, t) -> [x_l]``: task t's input to each of ``layers`` (zipped layers
+    of ``model``) on a batch, cut to its first ``widths[l]`` channels (None: all).
+
+    ``t`` is a scalar int32 tensor, so one trace serves every task: a layer taking one input
+    per task has task t's picked by ``tf.switch_case``, which computes only that one.
+    """
+    widths = [None] * len(layers) if widths is None else widths
     # Keras flattens nested outputs, so a layer taking one input per task contributes T
     # outputs; `spans` regroups them.
     outputs, spans = [], []
@@ -94,18 +92,35 @@ def layers_hessians(
     def features(batch, t):
         flat = feature_model(batch, training=False)
         flat = list(flat) if isinstance(flat, (list, tuple)) else [flat]
-        rows = []
-        for (start, count, listed), state in zip(spans, states):
+        picked = []
+        for (start, count, listed), width in zip(spans, widths):
             if listed:  # one tensor per task: task t's, picked by the traced index
                 branches = [
-                    functools.partial(lambda x, k: x[..., :k], x, hessian_width(state))
+                    functools.partial(lambda x, k: x[..., :k], x, width)
                     for x in flat[start : start + count]
                 ]
-                x = tf.switch_case(t, branches)  # computes task t's slice only
+                picked.append(tf.switch_case(t, branches))
             else:  # one tensor common to all tasks
-                x = flat[start][..., : hessian_width(state)]
-            rows.append(hessian_rows(x, state, mode))
-        return rows
+                picked.append(flat[start][..., :width])
+        return picked
+
+    return features
+
+
+def layers_hessians(
+    model: keras.Model,
+    layers: list,
+    states: list,
+    calibration: dict,
+    mode: str,
+) -> list[list[tf.Tensor]]:
+    """Each task's Hessian of every layer's inputs at shared positions (+ bias), per layer,
+    per task: task t's Hessian uses task t's calibration data through the current zipped
+    ``model``; one pass over each task's data serves all ``layers``."""
+    inputs = task_inputs(model, layers, [hessian_width(state) for state in states])
+
+    def features(batch, t):
+        return [hessian_rows(x, state, mode) for x, state in zip(inputs(batch, t), states)]
 
     results = hessian.dataset_hessians(
         features,

@@ -189,14 +189,19 @@ class _ZippedLayer(keras.layers.Layer):
         """Task t's pre-activation own neurons from its input x."""
         return self._affine(x, self.task_kernels[t], self.task_biases[t])
 
-    def _task_output(self, t: int, x, shared_common, training):
-        """Task t's output from its input x (``shared_common``: shared part, if computed)."""
+    def pre_normalization(self, t: int, x, shared_common=None):
+        """Task t's output before its BatchNorm and activation, [shared; own], from its input
+        x (``shared_common``: the shared part, if computed already)."""
         pieces = []  # [shared; own], skipping empty parts
         if self.shared_count(t):
             pieces.append(self._shared_part(t, x) if shared_common is None else shared_common)
         if self.units[t] > self.shared_count(t):
             pieces.append(self._own_part(t, x))
-        pre = pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=-1)
+        return pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=-1)
+
+    def _task_output(self, t: int, x, shared_common, training):
+        """Task t's output from its input x (``shared_common``: shared part, if computed)."""
+        pre = self.pre_normalization(t, x, shared_common)
         if self.norms:
             pre = self.norms[t](pre, training=training)
         return self.activation(pre)

@@ -38,6 +38,8 @@ class LayerReport:
         retrain_steps: int, joint retraining iterations after this layer.
         seconds: float, wall time for this layer (Hessians, costs, matching, retraining).
         timings: {phase: seconds}, the split of ``seconds``.
+        repair: str, what repaired the network after the tie (:func:`mtz_tf.repair.repair_unit`):
+            ``"batch_norm"``, ``"refit: <units>"``, ``"statistics: <units>"``, or ``""``.
     """
 
     name: str
@@ -49,6 +51,7 @@ class LayerReport:
     retrain_steps: int = 0
     seconds: float = 0.0
     timings: dict = dataclasses.field(default_factory=dict)
+    repair: str = ""
 
     def progress_line(self, index: int, count: int) -> str:
         """The one-line progress message for hidden layer ``index`` of ``count``."""
@@ -62,6 +65,8 @@ class LayerReport:
         ):
             if acc:
                 line += f", {label} " + " ".join(f"{t}={a:.4f}" for t, a in acc.items())
+        if self.repair:
+            line += f", repair {self.repair}"
         if self.retrain_steps:
             line += f", {self.retrain_steps} retrain steps"
         return line + f" ({self.seconds:.1f}s)"
@@ -87,6 +92,7 @@ class ZipReport(Report):
         alignment_seconds: time spent on the provisional alignment of residual streams.
         retrain_optimizer: the retraining optimizer, {"class_name", "config", "source"}
             (:func:`mtz_tf.retrain.resolve_optimizer`), or None without retraining.
+        repair: str, the ``repair`` option (:data:`mtz_tf.repair.REPAIRS`).
     """
 
     tasks: list
@@ -100,6 +106,7 @@ class ZipReport(Report):
     coupled_groups: list | None = None
     alignment_seconds: float = 0.0
     retrain_optimizer: dict | None = None
+    repair: str = "none"
 
     def __str__(self) -> str:
         return self.table()
@@ -111,8 +118,9 @@ class ZipReport(Report):
     def table(self) -> str:
         """The report as a table for the terminal (Markdown pipes): per hidden layer its
         stream, shared count / width, merge cost, each task's accuracy right after zipping
-        and after retraining (when labels were given), retraining steps and seconds; then
-        the input models' accuracy and the parameter counts."""
+        (and repairing) and after retraining (when labels were given), the repair that ran,
+        retraining steps and seconds; then the input models' accuracy and the parameter
+        counts."""
         streams = self._stream_numbers()
         tasks = list(self.tasks)
         header = ["layer", "stream", "shared / width", "merge cost"]
@@ -125,7 +133,7 @@ class ZipReport(Report):
             if any(getattr(layer, key) for layer in self.layers)
         ]
         header += [f"acc {label} {t}" for label, _ in measured for t in tasks]
-        header += ["retrain steps", "seconds"]
+        header += ["repair", "retrain steps", "seconds"]
         rows = []
         for layer in self.layers:
             row = [
@@ -137,7 +145,7 @@ class ZipReport(Report):
             for _, key in measured:
                 accuracy = getattr(layer, key) or {}
                 row += [f"{accuracy[t]:.4f}" if t in accuracy else "" for t in tasks]
-            rows.append(row + [str(layer.retrain_steps), f"{layer.seconds:.1f}"])
+            rows.append(row + [layer.repair, str(layer.retrain_steps), f"{layer.seconds:.1f}"])
         lines = [
             "| " + " | ".join(header) + " |",
             "|" + "|".join("---" for _ in header) + "|",

@@ -32,6 +32,7 @@ import tensorflow as tf
 from mtz_tf import allocation, checkpoint, cost, data, driver, graph, layers, zipped_network
 from mtz_tf import matching as matching_lib
 from mtz_tf.layer_zip import HESSIAN_MODES, PAIRINGS, TIES
+from mtz_tf.repair import DEFAULT_REPAIR, REPAIRS
 from mtz_tf.report import ZipReport
 from mtz_tf.retrain import Retrain, check_labelled_data, resolve_optimizer, task_accuracies
 
@@ -173,8 +174,9 @@ def _restored_states(model: keras.Model, plan: graph.Plan, directory: str) -> li
         ) from None
 
 
-def _check_options(matching, pairing, tie, hessian, batch_norm) -> None:
+def _check_options(matching, pairing, tie, hessian, batch_norm, repair) -> None:
     for value, allowed, flag in (
+        (repair, REPAIRS, "repair"),
         (matching, matching_lib.METHODS, "matching"),
         (pairing, PAIRINGS, "pairing"),
         (tie, TIES, "tie"),
@@ -201,6 +203,7 @@ def zip_models(
     tie: str = "hessian",
     hessian: str = "channel",
     batch_norm: str = "task",
+    repair: str = DEFAULT_REPAIR,
     retrain: Retrain | None = None,
     evaluation: Mapping[str, tf.data.Dataset] | None = None,
     checkpoint_dir: str | None = None,
@@ -238,6 +241,13 @@ def zip_models(
             folds BN into the weights first (exact at inference: the cost sees what the
             network computes, fully shared layers are computed once, but retraining then
             runs without BN).
+        repair: after each unit is tied, from calibration data only (:mod:`mtz_tf.repair`):
+            ``"refit"`` (default) re-estimates a unit's per-task BatchNorm statistics, or,
+            for a unit without one, refits each task's next-layer weights (the output head
+            included) by least squares so its pre-activations reproduce those before the
+            tie; ``"statistics"`` re-estimates BatchNorm the same way but, without one,
+            restores each input's mean and standard deviation (REPAIR); ``"none"``. The
+            report's layers say which ran.
         retrain: :class:`Retrain` settings for light joint retraining after each layer, or
             None for none.
         evaluation: {task: batched (x, y) dataset}; when given, the report has per-task
@@ -261,7 +271,7 @@ def zip_models(
     plans = _validate_models(models)
     task_names = list(models)
     _check_tasks(calibration, task_names, "calibration")
-    _check_options(matching, pairing, tie, hessian, batch_norm)
+    _check_options(matching, pairing, tie, hessian, batch_norm, repair)
     config = dict(
         matching=matching,
         pairing=pairing,
@@ -269,6 +279,7 @@ def zip_models(
         damping=damping,
         hessian=hessian,
         seed=seed,
+        repair=repair,
     )
     plan = plans[task_names[0]]
     calibration = _calibration_inputs(calibration, plan, task_names)
@@ -298,6 +309,7 @@ def zip_models(
         tie=tie,
         share_allocation=allocation_info,
         retrain_optimizer=optimizer_used,
+        repair=repair,
     )
     states = zipped_network.separate_states(plans, models, batch_norm)
     start, resumed, save = 0, None, None
@@ -346,6 +358,7 @@ def add_task(
     calibration: Mapping[str, tf.data.Dataset],
     matching: str = "optimal",
     hessian: str = "channel",
+    repair: str = DEFAULT_REPAIR,
     retrain: Retrain | None = None,
     evaluation: Mapping[str, tf.data.Dataset] | None = None,
     damping: float = cost.DEFAULT_DAMPING,
@@ -368,8 +381,9 @@ def add_task(
         model: keras.Model of the same architecture as the zipped tasks' models.
         calibration: {task: dataset} for every task, old and new (the group Hessians need
             the old tasks' data too).
-        matching, hessian, retrain, evaluation, damping, verbose: as :func:`zip_models`
-            (``retrain`` and ``evaluation`` cover all tasks).
+        matching, hessian, repair, retrain, evaluation, damping, verbose: as
+            :func:`zip_models` (``retrain`` and ``evaluation`` cover all tasks; the repair
+            changes only the new task's weights and statistics).
 
     Returns:
         ``(zipped, report)`` for the T + 1 tasks.
@@ -421,7 +435,7 @@ def add_task(
     _validate_models({"zipped_task": model, task: model})
     task_names = old_tasks + [task]
     _check_tasks(calibration, task_names, "calibration")
-    _check_options(matching, "hessian", "hessian", hessian, "task")
+    _check_options(matching, "hessian", "hessian", hessian, "task", repair)
     _check_side_data(evaluation, retrain, task_names)
     newcomer = zipped_network.separate_states(
         {task: plan}, {task: model}, "fold" if folded else "task"
@@ -449,11 +463,14 @@ def add_task(
         damping=damping,
         hessian=hessian,
         seed=0,
+        repair=repair,
     )
     retrain, optimizer_used = resolve_optimizer(
         retrain, {"the zipped model": zipped, f"task {task!r}'s input model": model}
     )
-    report = ZipReport(tasks=task_names, matching=matching, retrain_optimizer=optimizer_used)
+    report = ZipReport(
+        tasks=task_names, matching=matching, retrain_optimizer=optimizer_used, repair=repair
+    )
     run = (retrain, evaluation, report, verbose)
     result = driver.join_graph(
         plan, zipped, task, model, task_names, states, newcomer, calibration, config, run

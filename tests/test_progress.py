@@ -94,6 +94,7 @@ def _report():
                 accuracy_after_retraining=after,
                 retrain_steps=10 if after else 0,
                 seconds=1.25,
+                repair="refit: fc2" if name == "fc1" else "",
             )
         )
     report.parameters = {"shared": 10, "specific": 5, "total": 15, "input_models": 30}
@@ -109,7 +110,8 @@ def test_report_table_has_a_row_per_layer_with_its_numbers():
     assert header[4:8] == ["acc zipped a", "acc zipped b", "acc retrained a", "acc retrained b"]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:4]]
     assert rows[0][:8] == ["fc1", "", "300 / 300", "61.78", "0.8500", "0.8400", "0.8600", "0.8500"]
-    assert rows[0][8:] == ["10", "1.2"]
+    assert rows[0][8:] == ["refit: fc2", "10", "1.2"]
+    assert rows[1][8] == ""
     assert rows[1][2:8] == ["50 / 100", "0", "0.8100", "0.8000", "", ""]
     assert "Accuracy of the input models: a 0.9000, b 0.8000." in lines
     assert "Parameters: 30 in the input models -> 15 zipped (50.0 %), 10 of them shared." in lines
