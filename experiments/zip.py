@@ -40,6 +40,13 @@ flags.DEFINE_string(
 )
 flags.DEFINE_enum("matching", "optimal", list(mtz_tf.matching.METHODS), "Neuron matching.")
 flags.DEFINE_enum(
+    "repair",
+    mtz_tf.repair.DEFAULT_REPAIR,
+    list(mtz_tf.repair.REPAIRS),
+    "Repair after each zipped layer: BatchNorm re-estimation, or the next layer's "
+    "least-squares refit (refit) / REPAIR statistics (statistics) without BatchNorm.",
+)
+flags.DEFINE_enum(
     "pairing", "hessian", list(zipper.PAIRINGS), "How neurons are paired (MTZ cost or a baseline)."
 )
 flags.DEFINE_enum("tie", "hessian", list(zipper.TIES), "The weights of a tied pair.")
@@ -118,12 +125,13 @@ def main(argv):
     if FLAGS.retrain_steps:
         retrain = mtz_tf.Retrain(train, FLAGS.retrain_steps, optimizer=optimizer())
     cli.logger.info(
-        "Zipping %s with share=%s, matching=%s, pairing=%s, tie=%s",
+        "Zipping %s with share=%s, matching=%s, pairing=%s, tie=%s, repair=%s",
         tasks,
         FLAGS.share,
         FLAGS.matching,
         FLAGS.pairing,
         FLAGS.tie,
+        FLAGS.repair,
     )
     zipped, report = mtz_tf.zip_models(
         models,
@@ -132,6 +140,7 @@ def main(argv):
         matching=FLAGS.matching,
         pairing=FLAGS.pairing,
         tie=FLAGS.tie,
+        repair=FLAGS.repair,
         retrain=retrain,
         evaluation=evaluation,
         checkpoint_dir=FLAGS.checkpoint_dir,

@@ -4,8 +4,8 @@ The public API: :func:`zip_models` and :func:`add_task` with :class:`Retrain`,
 :func:`describe` (what zipping will do with a model), the zipped
 layers (:class:`ZippedDense`, :class:`ZippedConv2D`), deployment (:func:`export`,
 :func:`deployment_report`), and the modules ``data``, ``models``, ``hessian``, ``cost``,
-``matching``, ``graph``, ``zipped_network``, ``training``, and ``progress`` (where progress
-messages go: the ``mtz_tf`` logger).
+``matching``, ``repair``, ``graph``, ``zipped_network``, ``training``, and ``progress``
+(where progress messages go: the ``mtz_tf`` logger).
 """
 
 from mtz_tf import (
@@ -19,6 +19,7 @@ from mtz_tf import (
     matching,
     models,
     progress,
+    repair,
     training,
     zipped_network,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "matching",
     "models",
     "progress",
+    "repair",
     "shared_parameter_fraction",
     "size_speed_report",
     "zipped_network",
