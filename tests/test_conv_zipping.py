@@ -56,6 +56,7 @@ def test_vgg16_with_batch_norm_permutation_recovery(vgg, small, fashion, batch_n
         {"a": vgg, "b": permuted},
         {"a": small[2], "b": small[2]},
         batch_norm=batch_norm,
+        repair="none",  # exact recovery: keep the BatchNorm statistics
         verbose=0,
     )
     x = fashion[2][:100]
