@@ -589,7 +589,7 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
         if g is not None and g not in decided:
             decide(g, current, u)
             decided.add(g)
-            if config["repair"] != "none":  # the repair's "before" in the new neuron order
+            if repair.needs_before(states[u], config):  # in the new neuron order
                 model = zipped_network.build_model(plan, task_names, states)
         timings["costs_matching"] = time.time() - began - sum(timings.values())
         merge_cost = tie_unit(states[u], top.unit_share(u), current[u], config, joining)

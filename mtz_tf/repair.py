@@ -210,6 +210,12 @@ def refit_readers(before, after, plan, states, unit, calibration, config, method
     return [states[v].name for v in readers]
 
 
+def needs_before(state, config) -> bool:
+    """Whether repairing after ``state``'s unit compares with the network before its tie (a
+    refit or REPAIR of its readers), rather than only re-estimating its BatchNorm."""
+    return config["repair"] != "none" and not state.norms
+
+
 def repair_unit(before, after, plan, states, unit, calibration, config, tied, joining) -> str:
     """Repairs the zipped network ``after`` (and ``states``) after unit ``unit`` was tied in
     ``before`` (``tied``: it shares neurons now; else only its input changed, upstream), for
