@@ -231,6 +231,8 @@ def different_task_experiment(
                 originals,
                 calibration,
                 share=share,
+                matching="greedy",  # the settings the committed tables were made with
+                repair="none",
                 hessian=hessian,
                 retrain=retrain,
                 verbose=1,
