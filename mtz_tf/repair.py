@@ -107,11 +107,6 @@ def reestimate_batch_norm(model, unit: int, state, calibration: dict, tasks) -> 
     zipped_network.set_layer_weights(layer, state)
 
 
-def _refit_rows(x, state, mode: str):
-    """v's input rows for the refit: per sample (Dense), per pixel or patch (Conv2D)."""
-    return layer_zip.hessian_rows(x, state, mode)
-
-
 def _refittable(state, t: int, tasks) -> bool:
     return (
         t in tasks
@@ -127,14 +122,17 @@ def _row_count(state, mode: str, t: int) -> int:
     return rows
 
 
-def _affine_map(after_gram, before_gram, cross, method: str, damping: float, bias: bool):
-    """(M_lin, a₀) of the refit or the statistics repair (module docstring)."""
+def _affine_map(after_gram, target, method: str, damping: float, bias: bool):
+    """(M_lin, a₀) of the refit (``target`` the cross moment E[ĥ̃ h̃ᵀ]) or of the statistics
+    repair (``target`` the second moment E[h̃ h̃ᵀ] before the tie); module docstring."""
     d = after_gram.shape[0] - int(bias)
     if method == "refit":
+        cross = target
         (damped,) = cost.damp_hessians([after_gram], damping)
         damped = damped.numpy()
         m = np.linalg.solve(damped, cross + (damped - after_gram))  # δ towards the identity
         return m[:d, :d], (m[d, :d] if bias else None)
+    before_gram = target
     if bias:
         mean_after, mean_before = after_gram[-1, :-1], before_gram[-1, :-1]
     else:
@@ -185,25 +183,25 @@ def refit_readers(before, after, plan, states, unit, calibration, config, method
     after_inputs = layer_zip.task_inputs(after, [after_layers[v] for v in readers])
 
     def features(batch, t):
+        """Per reader: ĥ's rows (E[ĥ̃ ĥ̃ᵀ]), then what the method maps them to."""
         items = []
         for x_after, x_before, v in zip(after_inputs(batch, t), before_inputs(batch, t), readers):
-            rows_after = _refit_rows(x_after, states[v], mode)
-            rows_before = _refit_rows(x_before, states[v], mode)
-            items += [rows_after, rows_before, hessian.Cross(rows_after, rows_before)]
+            rows_after = layer_zip.hessian_rows(x_after, states[v], mode)
+            rows_before = layer_zip.hessian_rows(x_before, states[v], mode)
+            target = hessian.Cross(rows_after, rows_before) if method == "refit" else rows_before
+            items += [rows_after, target]
         return items
 
-    bias = [states[v].use_bias for v in readers for _ in range(3)]
+    bias = [states[v].use_bias for v in readers for _ in range(2)]
     per_task = _task_moments(features, calibration, bias)
     for position, v in enumerate(readers):
         state = states[v]
         for t, moments in enumerate(per_task):
             if not _refittable(state, t, tasks):
                 continue
-            after_gram, before_gram, cross = (
-                m.numpy() for m in moments[3 * position : 3 * position + 3]
-            )
+            after_gram, target = (m.numpy() for m in moments[2 * position : 2 * position + 2])
             linear, intercept = _affine_map(
-                after_gram, before_gram, cross, method, config["damping"], state.use_bias
+                after_gram, target, method, config["damping"], state.use_bias
             )
             _fold(state, t, linear, intercept, mode)
         zipped_network.set_layer_weights(after_layers[v], state)
