@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 import mtz_tf
-from mtz_tf import cli, data, deploy_report, io_utils, models, training, zipped_network
+from mtz_tf import cli, data, deploy_report, fitting, io_utils, models, training, zipped_network
 from mtz_tf.compress import flops
 
 
@@ -299,7 +299,7 @@ def fine_tuned_separately(originals: dict, streams: dict, steps: int, learning_r
                 optimizer=keras.optimizers.Adam(learning_rate),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             )
-            copy.fit(streams[task], steps_per_epoch=steps, epochs=1, verbose=0)
+            fitting.fit(copy, streams[task].take(steps))
         tuned[task] = copy
     return tuned
 

@@ -8,6 +8,9 @@ at every moment ``latest`` names a complete snapshot, so a kill at any point los
 the unit being zipped. Everything is written inside the checkpoint directory itself, so it
 works in a read-only parent once the directory exists.
 
+Under a multi-worker strategy the chief alone writes the directory; every worker resumes
+from it, so it must be on storage all workers read (:mod:`mtz_tf.distribution`).
+
 ``progress.json`` records a fingerprint of everything that determines the zip (the input
 models' weights, the shared counts, the options, the calibration data and the retraining
 settings), the size and SHA-256 of ``zipped.keras``, and the number of completed units.
@@ -27,7 +30,7 @@ import zipfile
 import keras
 import numpy as np
 
-from mtz_tf import io_utils
+from mtz_tf import distribution, io_utils
 from mtz_tf import retrain as retrain_lib
 
 _LOG = logging.getLogger(__name__)
@@ -146,7 +149,10 @@ class ZipCheckpoint:
 
     def prepare(self) -> None:
         """Checks (and creates) the directory before any work starts; removes what
-        interrupted saves left behind. Nothing that is not ours is ever deleted."""
+        interrupted saves left behind. Nothing that is not ours is ever deleted. Only the
+        chief of a multi-worker strategy does this; the other workers read its directory."""
+        if not distribution.is_chief():
+            return
         path = self.directory
         if os.path.lexists(path) and not os.path.isdir(path):
             raise FileExistsError(
@@ -280,7 +286,12 @@ class ZipCheckpoint:
         return model, progress
 
     def save(self, model: keras.Model, completed: int, report: dict) -> None:
-        """Saves a snapshot after ``completed`` units (module docstring)."""
+        """Saves a snapshot after ``completed`` units (module docstring); a non-chief worker
+        of a multi-worker strategy saves the model to scratch only (:mod:`mtz_tf.distribution`)."""
+        if not distribution.is_chief():
+            with distribution.worker_scratch() as scratch:
+                model.save(os.path.join(scratch, MODEL_FILE))
+            return
         name = _snapshot_name(completed)
         snapshot = os.path.join(self.directory, name)
         if os.path.lexists(snapshot) and name != self._latest_name():

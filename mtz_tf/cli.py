@@ -13,7 +13,7 @@ from typing import NoReturn
 from absl import app, flags
 from absl import logging as absl_logging
 
-from mtz_tf import progress
+from mtz_tf import distribution, progress
 from mtz_tf.exporter import ParityError
 from mtz_tf.retrain import RetrainingDivergedError
 
@@ -29,6 +29,15 @@ USER_ERRORS = (
 traceback."""
 
 EXIT_USER_ERROR = 2
+
+flags.DEFINE_enum(
+    "strategy",
+    "default",
+    list(distribution.STRATEGIES),
+    "tf.distribute strategy: default (none), mirrored (this machine's GPUs), multi_worker "
+    "(the cluster in TF_CONFIG; start one process per worker, only the chief writes) or "
+    "one_device.",
+)
 
 logger = logging.getLogger("mtz_tf.experiments")
 """The binaries' own progress messages, routed with the library's (:func:`route_output`)."""
@@ -78,14 +87,26 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def run(main: Callable) -> None:
     """``absl.app.run(main)`` with output routed by ``--verbosity`` (:func:`route_output`),
+    ``main`` run inside the scope of the ``--strategy`` every binary takes
+    (:func:`mtz_tf.distribution.make_strategy`, created before any other TensorFlow work),
     printing a user error (a bad flag, or one of
     :data:`USER_ERRORS` from ``main``) as ``<binary>: error: <message>`` on one line of
     stderr and exiting with status 2."""
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["strategy"])
 
     def guarded(argv):
         route_output(flags.FLAGS.verbosity)
         try:
-            return main(argv)
+            strategy = distribution.make_strategy(flags.FLAGS.strategy)
+            with strategy.scope():
+                if flags.FLAGS.strategy != "default":
+                    logger.info(
+                        "Strategy %s: %d replica(s) in sync; this process is %s.",
+                        flags.FLAGS.strategy,
+                        strategy.num_replicas_in_sync,
+                        distribution.worker_name(),
+                    )
+                return main(argv)
         except USER_ERRORS as error:
             _fail(str(error) or type(error).__name__)
 

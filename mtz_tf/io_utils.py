@@ -19,6 +19,10 @@ A target whose parent is not writable is refused before anything is staged, with
 that names the directory. Code that must write inside a writable directory whose parent is
 read-only (a checkpoint directory) stages its entries inside that directory instead: the
 staged entry's parent is then the directory itself (see :mod:`mtz_tf.checkpoint`).
+
+Under a multi-worker strategy only the chief writes to the real path; the other workers
+write the same content to private scratch directories and remove them
+(:mod:`mtz_tf.distribution`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import shutil
 from collections.abc import Iterator
 
 import keras
+
+from mtz_tf import distribution
 
 STAGING_MARK = ".mtz-staging-"
 """Part of the name of every staged (not yet renamed) entry."""
@@ -146,8 +152,14 @@ def staged_file(path: str) -> Iterator[str]:
     """Yields a path to write ``path``'s new content to; on success it replaces ``path``.
 
     The staged name keeps ``path``'s extension (Keras checks ``.keras``). On an exception
-    the staged file is removed and ``path`` is left as it was.
+    the staged file is removed and ``path`` is left as it was. A non-chief worker of a
+    multi-worker strategy writes to a private scratch copy instead, removed afterwards
+    (:mod:`mtz_tf.distribution`).
     """
+    if not distribution.is_chief():
+        with distribution.worker_scratch() as scratch:
+            yield os.path.join(scratch, os.path.basename(path))
+        return
     _writable_parent(path)
     clean_stale(*os.path.split(os.path.abspath(path)))
     staging = _staging_path(path, os.path.splitext(path)[1])
@@ -219,8 +231,16 @@ def staged_directory(path: str) -> Iterator[str]:
 
     An existing ``path`` stays whole until the swap, which is atomic where Linux's
     ``renameat2`` exchange is available (module docstring). On an exception the staging
-    directory is removed and ``path`` is left as it was.
+    directory is removed and ``path`` is left as it was. A non-chief worker of a
+    multi-worker strategy fills a private scratch directory instead, removed afterwards
+    (:mod:`mtz_tf.distribution`).
     """
+    if not distribution.is_chief():
+        with distribution.worker_scratch() as scratch:
+            staging = os.path.join(scratch, os.path.basename(path))
+            os.mkdir(staging)
+            yield staging
+        return
     if os.path.lexists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{path!r} exists and is not a directory; it was not replaced.")
     _writable_parent(path)

@@ -15,6 +15,16 @@ LOADING_NOTE = "import mtz_tf before keras.saving.load_model (it registers this 
 this note on what to do (Keras has no hook that could import the package itself)."""
 
 
+def _replicated() -> bool:
+    """Whether the layer is built under a strategy of several replicas: its BatchNorms then
+    normalise with the global batch's moments (``synchronized=True``, an all-reduce of the
+    replicas' sums), so that retraining under ``MirroredStrategy`` or
+    ``MultiWorkerMirroredStrategy`` computes what one device computes on the whole batch."""
+    import tensorflow as tf  # the TensorFlow backend's strategies
+
+    return tf.distribute.get_strategy().num_replicas_in_sync > 1
+
+
 def common_output(common_input: bool, batch_norm, sharing, units, shared_units: int) -> bool:
     """Whether a zipped layer gives all tasks one and the same output tensor: its input is
     common, it has no per-task BatchNorm, and every task uses only the shared neurons."""
@@ -149,7 +159,9 @@ class _ZippedLayer(keras.layers.Layer):
                 self._weight(f"{name}_bias", (n - k_t,), "zeros") if self.use_bias else None
             )
             if self.batch_norm is not None:
-                norm = keras.layers.BatchNormalization(**self.batch_norm, name=f"{name}_bn")
+                norm = keras.layers.BatchNormalization(
+                    **self.batch_norm, synchronized=_replicated(), name=f"{name}_bn"
+                )
                 norm.build((None,) * (len(self.kernel_prefix) + 1) + (n,))
                 self.norms.append(norm)
 

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import zipped_network
+from mtz_tf import fitting, zipped_network
 from mtz_tf.report import LayerReport
 
 _LOG = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ class Retrain:
             rate 1e-3; see :func:`resolve_optimizer`. The zip report records which.
         loss: a Keras loss for every task. Default: sparse categorical cross-entropy on
             logits (``from_logits=False`` when the output activation is softmax).
-        callbacks: Keras callbacks passed to every retraining ``fit``.
-        verbose: int, Keras progress-bar verbosity of each retraining.
+        callbacks: Keras callbacks called by every retraining (:func:`mtz_tf.fitting.fit`).
+        verbose: int, progress-bar verbosity of each retraining (as Keras ``fit``).
     """
 
     train: Mapping[str, tf.data.Dataset]
@@ -341,12 +341,8 @@ def retrain_jointly(
     joint = joint.skip(start_step).take(steps)
     watch = _FirstNonFiniteLoss()
     try:
-        trainer.fit(
-            joint,
-            epochs=1,
-            shuffle=False,
-            verbose=retrain.verbose,
-            callbacks=list(retrain.callbacks) + [watch],
+        fitting.fit(
+            trainer, joint, callbacks=list(retrain.callbacks) + [watch], verbose=retrain.verbose
         )
     except tf.errors.InvalidArgumentError as error:
         label_error = _label_error(error, model, tasks)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from mtz_tf import data
+from mtz_tf import data, fitting
 
 
 def compile_classifier(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:
@@ -29,17 +29,28 @@ def train_classifier(
     seed: int = 0,
     verbose: int = 1,
 ) -> keras.callbacks.History:
-    """Trains ``model`` in place with Adam on sparse labels; returns the Keras history.
+    """Trains ``model`` in place with Adam on sparse labels (:func:`mtz_tf.fitting.fit`, under
+    the current strategy); returns the Keras history, with ``val_accuracy`` per epoch when
+    ``validation`` is given.
 
     Seeds Keras/TF/NumPy with ``seed`` first so that runs repeat.
     """
     keras.utils.set_random_seed(seed)
     compile_classifier(model, learning_rate)
     train_ds = data.to_dataset(x, y, batch_size=batch_size, shuffle=True, seed=seed)
-    val_ds = None if validation is None else data.to_dataset(*validation, batch_size=512)
-    return model.fit(
-        train_ds, epochs=epochs, validation_data=val_ds, shuffle=False, verbose=verbose
+    return fitting.fit(
+        model,
+        train_ds,
+        epochs=epochs,
+        epoch_logs=None if validation is None else _validation_logs(model, *validation),
+        verbose=verbose,
     )
+
+
+def _validation_logs(model: keras.Model, x: np.ndarray, y: np.ndarray):
+    """The epoch-end logs of training with a validation split: ``{"val_accuracy": ...}``."""
+    validation = data.to_dataset(x, y, batch_size=1000)
+    return lambda: {"val_accuracy": dataset_accuracy(model, validation)}
 
 
 def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
@@ -83,12 +94,12 @@ def train_to_convergence(
     stop = keras.callbacks.EarlyStopping(
         monitor="val_accuracy", patience=patience, restore_best_weights=True, mode="max"
     )
-    history = model.fit(
+    history = fitting.fit(
+        model,
         data.to_dataset(*train, batch_size=batch_size, shuffle=True, seed=seed),
         epochs=max_epochs,
-        validation_data=data.to_dataset(*validation, batch_size=1000),
         callbacks=[stop],
-        shuffle=False,
+        epoch_logs=_validation_logs(model, *validation),
         verbose=verbose,
     )
     best_epoch = int(np.argmax(history.history["val_accuracy"])) + 1

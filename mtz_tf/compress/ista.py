@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from mtz_tf import data, retrain, scalar_ops, training
+from mtz_tf import data, fitting, retrain, scalar_ops, training
 from mtz_tf.compress import bn_graph, flops, surgery
 from mtz_tf.report import Report
 
@@ -594,9 +594,7 @@ def _fit_steps(model, optimizer, train, steps, seed, verbose):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    return model.fit(
-        train.repeat(), epochs=1, steps_per_epoch=int(steps), shuffle=False, verbose=verbose
-    )
+    return fitting.fit(model, train.repeat().take(int(steps)), verbose=verbose)
 
 
 def train_sparse(
