@@ -20,7 +20,7 @@ import re
 
 from absl import flags
 
-from mtz_tf import cli, data, deploy_report, io_utils
+from mtz_tf import cli, data, deploy_report, distribution, io_utils
 from mtz_tf import exporter as export_lib
 
 FLAGS = flags.FLAGS
@@ -97,6 +97,7 @@ def main(argv):
 
     config = cli.own_flags()
     cli.logger.info("Export configuration: %s", config)
+    distribution.check_exportable("experiments/export.py")
     zipped = keras.saving.load_model(FLAGS.model, compile=False)
     quantize = None if FLAGS.quantize == "none" else FLAGS.quantize
     sample = representative = None

@@ -27,7 +27,7 @@ import residual_experiments as rx
 from absl import flags
 
 import mtz_tf
-from mtz_tf import cli, data, io_utils, models, training
+from mtz_tf import cli, data, distribution, io_utils, models, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
@@ -397,6 +397,7 @@ def residual_experiment() -> None:
 def main(argv):
     del argv
     if FLAGS.experiment.startswith(("resnet20", "mobilenet_v2")):
+        distribution.check_exportable(f"--experiment={FLAGS.experiment} (its deployment rows)")
         residual_experiment()
         return
     if FLAGS.experiment == "zip_merge":

@@ -101,10 +101,13 @@ def run(main: Callable) -> None:
             with strategy.scope():
                 if flags.FLAGS.strategy != "default":
                     logger.info(
-                        "Strategy %s: %d replica(s) in sync; this process is %s.",
+                        "Strategy %s: %d replica(s) in sync; this process is %s%s.",
                         flags.FLAGS.strategy,
                         strategy.num_replicas_in_sync,
                         distribution.worker_name(),
+                        ""
+                        if distribution.is_chief()
+                        else " (not the chief: its writes go to scratch copies, then removed)",
                     )
                 return main(argv)
         except USER_ERRORS as error:

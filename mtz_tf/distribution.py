@@ -53,6 +53,30 @@ def worker_scratch() -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def check_exportable(what: str = "Exporting") -> None:
+    """Refuses SavedModel/TFLite work under a replicating strategy.
+
+    The exporter checks every artifact by loading it back and running it, and a SavedModel
+    loaded inside a replicating strategy's scope cannot run (its graph, traced in the
+    cross-replica context, is executed in a replica context), so exporting is one-process
+    work: run it after the zip, outside the strategy's scope, on the ``.keras`` file the
+    chief saved.
+
+    Raises:
+        ValueError: a ``MirroredStrategy`` or ``MultiWorkerMirroredStrategy`` is current.
+    """
+    strategy = tf.distribute.get_strategy()
+    replicating = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if isinstance(strategy, replicating):
+        raise ValueError(
+            f"{what} needs one process without a replicating strategy, but "
+            f"{type(strategy).__name__} is current, inside whose scope a SavedModel cannot "
+            "be loaded back and checked. Export after the zip, outside the strategy's scope "
+            "(e.g. experiments/export.py --strategy=default on the .keras file the chief "
+            "saved)."
+        )
+
+
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """The ``tf.distribute`` strategy a binary's ``--strategy=name`` asks for.
 

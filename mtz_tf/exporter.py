@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtz_tf import data as data_lib
-from mtz_tf import io_utils
+from mtz_tf import distribution, io_utils
 
 _LOG = logging.getLogger(__name__)
 
@@ -447,12 +447,15 @@ def export(
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
         ParityError: an artifact's outputs differ from the Keras model's by more than
             ``tolerance``; nothing is written.
+        ValueError: a replicating ``tf.distribute`` strategy is current
+            (:func:`mtz_tf.distribution.check_exportable`).
 
     Example:
         >>> result = export(zipped, "deploy/", per_task_tflite=True)
         >>> sm = tf.saved_model.load("deploy/saved_model")
         >>> sm.signatures["serve_fashion"](input=x)["fashion"]
     """
+    distribution.check_exportable("mtz_tf.export")
     formats = _validate(formats, quantize, representative_data, tolerance)
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a keras.Model. Received: {type(model).__name__}")
