@@ -45,9 +45,9 @@ def _build(model: keras.Model, dataset: tf.data.Dataset) -> None:
 
 def train_step_function(model: keras.Model) -> Callable:
     """A ``tf.function`` of one training step of compiled ``model`` on a distributed
-    ``(x, y)`` batch under the current strategy (module docstring); it returns the step's
+    ``(x, y)`` batch under the model's strategy (module docstring); it returns the step's
     global mean loss."""
-    strategy = tf.distribute.get_strategy()
+    strategy = model.distribute_strategy
     weights = model.trainable_variables
 
     def replica_step(x, y):
@@ -79,7 +79,8 @@ def fit(
     """Trains compiled ``model`` in place on ``dataset`` for ``epochs`` passes.
 
     Args:
-        model: a compiled ``keras.Model``, built under the current strategy's scope.
+        model: a compiled ``keras.Model``; it trains under the strategy in whose scope it
+            was built (``model.distribute_strategy``), whether or not that scope is open.
         dataset: a batched ``tf.data.Dataset`` of ``(x, y)``; each pass reads it to its
             end. Under a multi-worker strategy it is sharded across workers as
             ``strategy.experimental_distribute_dataset`` does (by data unless it reads
@@ -93,7 +94,7 @@ def fit(
     Returns:
         The ``keras.callbacks.History`` of the run.
     """
-    strategy = tf.distribute.get_strategy()
+    strategy = model.distribute_strategy
     with strategy.scope():
         _build(model, dataset)
     step = train_step_function(model)

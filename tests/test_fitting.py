@@ -92,7 +92,8 @@ def test_two_mirrored_replicas_train_as_one_device():
     fitting.fit(alone, dataset, epochs=2)
     with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
         mirrored = _classifier(seed=4)
-        fitting.fit(mirrored, dataset, epochs=2)
+        fitting.fit(mirrored, dataset)
+    fitting.fit(mirrored, dataset)  # outside the scope: still under the model's strategy
     # Each replica's gradient of its half batch, scaled by 1/2 and summed: one device's.
     for a, m in zip(alone.weights, mirrored.weights):
         assert_close(m.numpy(), a.numpy(), 1e-4, a.path)
