@@ -4,8 +4,8 @@ The public API: :func:`zip_models` and :func:`add_task` with :class:`Retrain`,
 :func:`describe` (what zipping will do with a model), the zipped
 layers (:class:`ZippedDense`, :class:`ZippedConv2D`), deployment (:func:`export`,
 :func:`deployment_report`), and the modules ``data``, ``models``, ``hessian``, ``cost``,
-``matching``, ``repair``, ``graph``, ``zipped_network``, ``training``, and ``progress``
-(where progress messages go: the ``mtz_tf`` logger).
+``matching``, ``repair``, ``frontier``, ``graph``, ``zipped_network``, ``training``, and
+``progress`` (where progress messages go: the ``mtz_tf`` logger).
 """
 
 from mtz_tf import (
@@ -13,6 +13,7 @@ from mtz_tf import (
     compress,
     cost,
     data,
+    frontier,
     graph,
     hessian,
     io_utils,
@@ -53,6 +54,7 @@ __all__ = [
     "deployment_report",
     "describe",
     "export",
+    "frontier",
     "graph",
     "hessian",
     "io_utils",

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import cost, graph, hessian, layer_zip, repair, zipped_network
+from mtz_tf import cost, frontier, graph, hessian, layer_zip, repair, zipped_network
 from mtz_tf import matching as matching_lib
 from mtz_tf.retrain import after_layer
 
@@ -359,7 +359,7 @@ def _newcomer_alignment(plan, zipped, old_task, task, model, newcomer, top, cali
         zipped,
         zipped_network.zipped_layers(zipped)[:hidden],
         whole_inputs,
-        {old_task: calibration[old_task]},
+        frontier.FullPasses({old_task: calibration[old_task]}),
         mode,
     )
     own_hessians = original_hessians(
@@ -571,6 +571,8 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
     propagate_common(plan, states)
     model = zipped_network.build_model(plan, task_names, states)
     changed = any(state.shared_units for state in states[:start])  # anything tied yet
+    feed = frontier.calibration_feed(plan, task_names, calibration)
+    feed.reset(model, start)
     for u in range(start, len(plan.hidden_units)):
         began = time.time()
         g = top.group_of.get(u)  # None for a spanning unit: its order is its inputs'
@@ -581,7 +583,7 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
             model,
             [layers[w] for w in aligned],
             [states[w] for w in aligned],
-            calibration,
+            feed,
             config["hessian"],
         )
         current = dict(zip(aligned, hessians))
@@ -590,17 +592,17 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
             decide(g, current, u)
             decided.add(g)
             if repair.needs_before(states[u], config):  # in the new neuron order
-                model = zipped_network.build_model(plan, task_names, states)
+                model = zipped_network.build_model(plan, task_names, states, reuse=model)
         timings["costs_matching"] = time.time() - began - sum(timings.values())
         merge_cost = tie_unit(states[u], top.unit_share(u), current[u], config, joining)
         changed = changed or top.unit_share(u) > 0
         propagate_common(plan, states)
         timings["merge"] = time.time() - began - sum(timings.values())
-        before, model = model, zipped_network.build_model(plan, task_names, states)
+        before, model = model, zipped_network.build_model(plan, task_names, states, reuse=model)
         timings["rebuild"] = time.time() - began - sum(timings.values())
         repaired = (
             repair.repair_unit(
-                before, model, plan, states, u, calibration, config, top.unit_share(u) > 0, joining
+                before, model, plan, states, u, feed, config, top.unit_share(u) > 0, joining
             )
             if changed
             else ""
@@ -620,10 +622,18 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
             verbose,
         )
         layer_report.repair = repaired
+        moved = time.time()
+        if layer_report.retrain_steps:  # every weight moved: the frontier is recomputed
+            feed.reset(model, u + 1)
+        else:
+            feed.advance(model, u)
+        layer_report.timings["frontier"] = time.time() - moved
+        layer_report.seconds += layer_report.timings["frontier"]
         report.layers.append(layer_report)
         if save:
             save(model, u + 1)
-    return model
+    # The networks of the walk share layers (build_model's `reuse`): the result gets its own.
+    return zipped_network.build_model(plan, task_names, states)
 
 
 def join_graph(

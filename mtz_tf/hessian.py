@@ -167,28 +167,44 @@ def dataset_hessians(
     results = []
     for position, (dataset, description) in enumerate(zip(datasets, descriptions)):
         index = tf.constant(position, tf.int32)
-        totals, counts = None, None
         distributed = strategy.experimental_distribute_dataset(dataset)
         step_function = traced_step(distributed.element_spec)
-        for batch in distributed:
-            sums = step_function(batch, index)
-            if totals is None:
-                totals, counts = [t for t, _ in sums], [float(n) for _, n in sums]
-            else:
-                totals = [a + t for a, (t, _) in zip(totals, sums)]
-                counts = [c + float(n) for c, (_, n) in zip(counts, sums)]
-        if totals is None or not all(counts):
-            raise ValueError(
-                f"The {description} is empty: a Hessian needs at least one calibration sample."
-            )
-        # A NaN or inf anywhere in a layer input reaches its sum of outer products, so one
-        # check of the (d, d) totals covers every sample; later it would surface only as a
-        # NaN cost.
-        if not all(bool(tf.reduce_all(tf.math.is_finite(t))) for t in totals):
-            raise ValueError(
-                f"The {description} yields NaN or infinite layer inputs: it holds NaN/inf "
-                "values or values too large for float32. Give finite, normalised calibration "
-                "inputs."
-            )
-        results.append(([t / c for t, c in zip(totals, counts)], int(counts[0])))
+        totals, counts = summed(step_function(batch, index) for batch in distributed)
+        results.append((normalised(totals, counts, description), int(counts[0])))
     return results
+
+
+def summed(batch_sums) -> tuple[list | None, list | None]:
+    """``(totals, counts)``: the element-wise sums over batches of per-batch lists of
+    :func:`outer_sum` results ``[(Σ x̃x̃ᵀ, n), ...]``; ``(None, None)`` for no batch."""
+    totals, counts = None, None
+    for sums in batch_sums:
+        if totals is None:
+            totals, counts = [t for t, _ in sums], [float(n) for _, n in sums]
+        else:
+            totals = [a + t for a, (t, _) in zip(totals, sums)]
+            counts = [c + float(n) for c, (_, n) in zip(counts, sums)]
+    return totals, counts
+
+
+def normalised(totals, counts, description: str) -> list[tf.Tensor]:
+    """The moments ``totals[i] / counts[i]`` of one dataset's summed outer products.
+
+    Raises:
+        ValueError: if the dataset gave no rows (``totals`` None) or its sums hold NaN or
+            inf (the message names it by ``description``).
+    """
+    if totals is None or not all(counts):
+        raise ValueError(
+            f"The {description} is empty: a Hessian needs at least one calibration sample."
+        )
+    # A NaN or inf anywhere in a layer input reaches its sum of outer products, so one
+    # check of the (d, d) totals covers every sample; later it would surface only as a
+    # NaN cost.
+    if not all(bool(tf.reduce_all(tf.math.is_finite(t))) for t in totals):
+        raise ValueError(
+            f"The {description} yields NaN or infinite layer inputs: it holds NaN/inf "
+            "values or values too large for float32. Give finite, normalised calibration "
+            "inputs."
+        )
+    return [t / c for t, c in zip(totals, counts)]

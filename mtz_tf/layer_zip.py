@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import cost, graph, hessian
+from mtz_tf import cost, graph, hessian, zipped_network
 from mtz_tf.zipped_network import LayerState
 
 HESSIAN_MODES = ("channel", "patch")
@@ -83,8 +83,9 @@ def task_inputs(model: keras.Model, layers: list, widths: list | None = None):
     # outputs; `spans` regroups them.
     outputs, spans = [], []
     for layer in layers:
-        per_task_input = isinstance(layer.input, (list, tuple))
-        items = list(layer.input) if per_task_input else [layer.input]
+        symbolic = zipped_network.layer_input(model, layer)
+        per_task_input = isinstance(symbolic, (list, tuple))
+        items = list(symbolic) if per_task_input else [symbolic]
         spans.append((len(outputs), len(items), per_task_input))
         outputs += items
     feature_model = keras.Model(model.input, outputs)
@@ -111,24 +112,19 @@ def layers_hessians(
     model: keras.Model,
     layers: list,
     states: list,
-    calibration: dict,
+    feed,
     mode: str,
 ) -> list[list[tf.Tensor]]:
     """Each task's Hessian of every layer's inputs at shared positions (+ bias), per layer,
     per task: task t's Hessian uses task t's calibration data through the current zipped
-    ``model``; one pass over each task's data serves all ``layers``."""
-    inputs = task_inputs(model, layers, [hessian_width(state) for state in states])
+    ``model``, as ``feed`` serves it (:mod:`mtz_tf.frontier`: kept frontier activations, or
+    full passes); one pass over each task's data serves all ``layers``."""
+    inputs = feed.task_inputs(model, layers, [hessian_width(state) for state in states])
 
     def features(batch, t):
         return [hessian_rows(x, state, mode) for x, state in zip(inputs(batch, t), states)]
 
-    results = hessian.dataset_hessians(
-        features,
-        list(calibration.values()),
-        [state.use_bias for state in states],
-        [f"calibration data of task {task!r}" for task in calibration],
-    )
-    per_task = [hessians for hessians, _ in results]
+    per_task = feed.moments(features, [state.use_bias for state in states])
     return [list(h) for h in zip(*per_task)]
 
 

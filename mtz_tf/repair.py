@@ -64,29 +64,18 @@ def reader_units(plan: graph.Plan, unit: int) -> list[int]:
     return readers
 
 
-def _task_moments(features, calibration: dict, append_bias: list) -> list[list]:
-    """Per task, the moments ``features(batch, t)`` asks for (:func:`hessian.dataset_hessians`)."""
-    results = hessian.dataset_hessians(
-        features,
-        list(calibration.values()),
-        append_bias,
-        [f"calibration data of task {task!r}" for task in calibration],
-    )
-    return [moments for moments, _ in results]
-
-
 def _as_stored(values: np.ndarray) -> np.ndarray:
     """Rounded to float32, as the Keras layer stores it: a zip resumed from a checkpoint
     then continues from exactly the states an uninterrupted one holds."""
     return values.astype(np.float32).astype(np.float64)
 
 
-def reestimate_batch_norm(model, unit: int, state, calibration: dict, tasks) -> None:
+def reestimate_batch_norm(model, unit: int, state, feed, tasks) -> None:
     """Sets the running statistics of unit ``unit``'s BatchNorm for each task in ``tasks``, in
     ``state`` and in ``model``'s layer, to the moments of its pre-normalisation outputs
-    (module docstring)."""
+    (module docstring) on the calibration data ``feed`` serves (:mod:`mtz_tf.frontier`)."""
     layer = zipped_network.zipped_layers(model)[unit]
-    inputs = layer_zip.task_inputs(model, [layer])
+    inputs = feed.task_inputs(model, [layer])
 
     def features(batch, t):
         (x,) = inputs(batch, t)
@@ -96,7 +85,7 @@ def reestimate_batch_norm(model, unit: int, state, calibration: dict, tasks) -> 
         z = tf.switch_case(t, branches)
         return [tf.reshape(z, [-1, tf.shape(z)[-1]])]  # a row per sample or pixel
 
-    for t, (second,) in enumerate(_task_moments(features, calibration, [True])):
+    for t, (second,) in enumerate(feed.moments(features, [True])):
         second = second.numpy()
         mean = second[-1, :-1]
         variance = np.maximum(np.diag(second)[:-1] - mean**2, 0.0)
@@ -163,9 +152,10 @@ def _fold(state, t: int, linear, intercept, mode: str) -> None:
         )
 
 
-def refit_readers(before, after, plan, states, unit, calibration, config, method, tasks) -> list:
+def refit_readers(before, after, plan, states, unit, feed, config, method, tasks) -> list:
     """Refits (or REPAIRs) the readers of unit ``unit`` in ``states`` and in ``after`` for the
-    tasks in ``tasks`` (module docstring); returns the names of the units changed."""
+    tasks in ``tasks`` (module docstring), on the calibration data ``feed`` serves; returns
+    the names of the units changed."""
     mode = config["hessian"]
     num_tasks = len(states[unit].kernels)
     readers = [
@@ -177,10 +167,10 @@ def refit_readers(before, after, plan, states, unit, calibration, config, method
     if not readers:
         return []
     after_layers = zipped_network.zipped_layers(after)
-    before_inputs = layer_zip.task_inputs(
+    before_inputs = feed.task_inputs(
         before, [zipped_network.zipped_layers(before)[v] for v in readers]
     )
-    after_inputs = layer_zip.task_inputs(after, [after_layers[v] for v in readers])
+    after_inputs = feed.task_inputs(after, [after_layers[v] for v in readers])
 
     def features(batch, t):
         """Per reader: ĥ's rows (E[ĥ̃ ĥ̃ᵀ]), then what the method maps them to."""
@@ -193,7 +183,7 @@ def refit_readers(before, after, plan, states, unit, calibration, config, method
         return items
 
     bias = [states[v].use_bias for v in readers for _ in range(2)]
-    per_task = _task_moments(features, calibration, bias)
+    per_task = feed.moments(features, bias)
     for position, v in enumerate(readers):
         state = states[v]
         for t, moments in enumerate(per_task):
@@ -214,9 +204,10 @@ def needs_before(state, config) -> bool:
     return config["repair"] != "none" and not state.norms
 
 
-def repair_unit(before, after, plan, states, unit, calibration, config, tied, joining) -> str:
+def repair_unit(before, after, plan, states, unit, feed, config, tied, joining) -> str:
     """Repairs the zipped network ``after`` (and ``states``) after unit ``unit`` was tied in
-    ``before`` (``tied``: it shares neurons now; else only its input changed, upstream), for
+    ``before`` (``tied``: it shares neurons now; else only its input changed, upstream), on
+    the calibration data ``feed`` serves (:mod:`mtz_tf.frontier`), for
     the tasks in ``joining`` (None: all; a task joining a zipped model alone, so that the
     other tasks' own weights and statistics stay as they were); returns what ran:
     ``"batch_norm"``, ``"refit: <units>"``, ``"statistics: <units>"`` or ``""`` (nothing to
@@ -227,9 +218,9 @@ def repair_unit(before, after, plan, states, unit, calibration, config, tied, jo
     state = states[unit]
     tasks = set(range(len(state.kernels)) if joining is None else joining)
     if state.norms:
-        reestimate_batch_norm(after, unit, state, calibration, tasks)
+        reestimate_batch_norm(after, unit, state, feed, tasks)
         return "batch_norm"
     if not tied:  # its output is what it was: the readers see no change
         return ""
-    names = refit_readers(before, after, plan, states, unit, calibration, config, method, tasks)
+    names = refit_readers(before, after, plan, states, unit, feed, config, method, tasks)
     return f"{method}: {', '.join(names)}" if names else ""

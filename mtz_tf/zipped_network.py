@@ -308,15 +308,35 @@ def _per_task(layer: keras.layers.Layer, args: list, num_tasks: int):
     return [layer(list(xs) if len(xs) > 1 else xs[0]) for xs in zip(*lists)]
 
 
+def _reused(layer: keras.layers.Layer, pool: dict) -> keras.layers.Layer:
+    """``pool``'s built layer of ``layer``'s name when it has the same class and config (so
+    the same variables), else ``layer`` itself."""
+    old = pool.get(layer.name)
+    if type(old) is type(layer) and old.get_config() == layer.get_config():
+        return old
+    return layer
+
+
 def build_model(
-    plan: graph.Plan, task_names: list[str], states: list[LayerState], name: str = "zipped"
+    plan: graph.Plan,
+    task_names: list[str],
+    states: list[LayerState],
+    name: str = "zipped",
+    reuse: keras.Model | None = None,
 ) -> keras.Model:
     """Builds the zipped Keras model: one input, a dict of outputs keyed by task name.
 
     The plan's graph is followed step by step; a tensor is one tensor while all tasks share
     it, else a list of T. Built under ``tf.distribute.get_strategy().scope()`` so that its
     variables are mirrored when a distribution strategy is active.
+
+    ``reuse``: a model built before from the same plan (the zip's previous network). Its
+    layers whose class and config are unchanged are taken over (and given ``states``'
+    weights) instead of being built anew, so a zip that changes one unit at a time creates
+    only that unit's variables. The two models then share those layers: ``reuse`` must not
+    be used for anything but reading after this call.
     """
+    pool = {} if reuse is None else {layer.name: layer for layer in reuse.layers}
     with tf.distribute.get_strategy().scope():
         inputs = keras.Input(shape=plan.input_shape, name="input")
         tensors = {graph.MODEL_INPUT: inputs}
@@ -327,17 +347,17 @@ def build_model(
             args = [tensors[i] for i in step.inputs]
             if isinstance(step, graph.Unit):
                 state = next(state_iter)
-                layer = _layer(state, task_names)
+                layer = _reused(_layer(state, task_names), pool)
                 tensors[index] = layer(args[0])
                 built.append((layer, state))
-            elif isinstance(step, graph.Merge) and step.kind == "Concatenate":
+                continue
+            if isinstance(step, graph.Merge) and step.kind == "Concatenate":
                 layer = _concatenate(plan, step, shares)
-                tensors[index] = _per_task(layer, args, len(task_names))
             elif isinstance(step, graph.Merge):
                 layer = getattr(keras.layers, step.kind).from_config(step.config)
-                tensors[index] = _per_task(layer, args, len(task_names))
             else:
-                tensors[index] = _per_task(_pass_through(plan, step), args, len(task_names))
+                layer = _pass_through(plan, step)
+            tensors[index] = _per_task(_reused(layer, pool), args, len(task_names))
         x = tensors[plan.output_step]
         outputs = x if isinstance(x, list) else [x] * len(task_names)
         model = keras.Model(inputs, dict(zip(task_names, outputs)), name=name)
@@ -488,6 +508,16 @@ def zipped_difference(zipped: keras.Model, plan: graph.Plan, folded: bool) -> st
                 )
             return f"{where}: {key} {b!r} vs {a!r} {zipped_at}"
     return None
+
+
+def layer_input(model: keras.Model, layer: keras.layers.Layer):
+    """The symbolic input of ``layer`` within ``model`` (one tensor, or a list for a layer
+    called on several), also when the layer serves several models (:func:`build_model`'s
+    ``reuse``), where ``layer.input`` is its first model's."""
+    nodes = {id(node) for depth in model._nodes_by_depth.values() for node in depth}
+    node = next(n for n in layer._inbound_nodes if id(n) in nodes)
+    tensors = list(node.input_tensors)
+    return tensors[0] if len(tensors) == 1 else tensors
 
 
 def zipped_layers(model: keras.Model) -> list[_ZippedLayer]:

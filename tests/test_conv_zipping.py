@@ -108,7 +108,7 @@ def test_conv_hessians_equal_explicit_patches(padding, stride):
     plan = mtz_tf.graph.read_plan(model)
     zipped = mtz_tf.zipped_network.build_model(plan, ["a", "b"], states)
     layer = mtz_tf.zipped_network.zipped_layers(zipped)[0]
-    calibration = {"a": calib, "b": calib}
+    calibration = mtz_tf.frontier.FullPasses({"a": calib, "b": calib})
     patch = layer_zip.layers_hessians(zipped, [layer], states[:1], calibration, "patch")[0][
         0
     ].numpy()

@@ -279,11 +279,19 @@ def test_hessians_of_per_task_inputs_are_each_tasks_own(resnet8, images):
     layers = mtz_tf.zipped_network.zipped_layers(zipped)
     for state in states:
         state.input_shared_units = state.input_units[0]  # cover every input channel
-    hessians = mtz_tf.layer_zip.layers_hessians(
-        zipped, layers[1:3], states[1:3], {"a": calib, "b": calib}, "channel"
-    )
+    calibration = {"a": calib, "b": calib}
+    frontier = mtz_tf.frontier.Frontier(plan, ["a", "b"], calibration, budget=2**30)
+    frontier.reset(zipped, completed=1)  # units 1 and 2 are computed past the frontier
+    for feed in (mtz_tf.frontier.FullPasses(calibration), frontier):
+        hessians = mtz_tf.layer_zip.layers_hessians(
+            zipped, layers[1:3], states[1:3], feed, "channel"
+        )
+        check_hessians(hessians, plan, (resnet8, other), x)
+
+
+def check_hessians(hessians, plan, models, x):
     for index, per_task in zip((1, 2), hessians):
-        for model, h in zip((resnet8, other), per_task):
+        for model, h in zip(models, per_task):
             name = plan.units[index].name
             inputs = keras.Model(model.input, model.get_layer(name).input)(x).numpy()
             rows = inputs.reshape(-1, inputs.shape[-1]).astype(np.float64)
