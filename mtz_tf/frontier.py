@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import graph, hessian, layer_zip
+from mtz_tf import graph, hessian, layer_zip, zipped_network
 
 DEFAULT_BUDGET_BYTES = 2 * 1024**3
 """Memory the frontier may hold (all tasks' activations together) before the zip falls back
@@ -144,7 +144,7 @@ class Frontier:
             if ready and (not isinstance(step, graph.Unit) or index in self._finished):
                 for t, batches in enumerate(self._batches):
                     for values in batches:
-                        values[index] = self._step_value(model, index, values, t)
+                        zipped_network.task_values(model, self._plan, t, [index], values)
                 self._evaluated.add(index)
         read = {i for j, s in enumerate(steps) if j not in self._evaluated for i in s.inputs}
         for batches in self._batches:
@@ -153,23 +153,6 @@ class Frontier:
                     del values[index]
         if _nbytes(v for b in self._batches for vs in b for v in vs.values()) > self._budget:
             self._inputs = self._batches = None  # from here on, full passes
-
-    def _step_value(self, model: keras.Model, index: int, values: dict, t: int) -> tf.Tensor:
-        """Task t's output of step ``index`` in ``model`` from the activations ``values`` of
-        the steps it reads (computed, without keeping them, where missing)."""
-        step = self._plan.steps[index]
-        args = [self._value(model, i, values, t) for i in step.inputs]
-        layer = model.get_layer(step.name)
-        if isinstance(step, graph.Unit):
-            return layer.call_task(args[0], self._task_names[t])
-        return layer(args if len(args) > 1 else args[0])
-
-    def _value(self, model: keras.Model, index: int, values: dict, t: int) -> tf.Tensor:
-        """Task t's activations at step ``index``: kept, or computed from the frontier (and
-        memoised in ``values`` for the request at hand)."""
-        if index not in values:
-            values[index] = self._step_value(model, index, values, t)
-        return values[index]
 
     def task_inputs(self, model: keras.Model, layers: list, widths: list | None = None):
         """A function ``(values, t) -> [x_l]`` (``t`` an int or a scalar tensor): task t's
@@ -181,12 +164,9 @@ class Frontier:
         sources = [self._plan.steps[self._step_of[layer.name]].inputs[0] for layer in layers]
 
         def features(values, t):
-            t = int(t)
             scratch = dict(values)  # steps computed for this request are not kept
-            return [
-                self._value(model, source, scratch, t)[..., :width]
-                for source, width in zip(sources, widths)
-            ]
+            inputs = zipped_network.task_values(model, self._plan, int(t), sources, scratch)
+            return [x[..., :width] for x, width in zip(inputs, widths)]
 
         return features
 

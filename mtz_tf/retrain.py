@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import fitting, zipped_network
+from mtz_tf import fitting, graph, zipped_network
 from mtz_tf.report import LayerReport
 
 _LOG = logging.getLogger(__name__)
@@ -295,17 +295,44 @@ class _FirstNonFiniteLoss(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class _JointTrainer(keras.Model):
+    """The training view of a zipped model: one input per task, task t's batch through task
+    t's path alone (:func:`mtz_tf.zipped_network.task_values`), so no task's layers (and
+    BatchNorm statistics) see another task's data and nothing is computed for outputs no
+    loss reads. Its variables are the zipped model's."""
+
+    def __init__(self, zipped: keras.Model, plan, **kwargs):
+        super().__init__(**kwargs)
+        self.zipped = zipped
+        self._plan = plan
+
+    def call(self, inputs, training=False):
+        return {
+            task: zipped_network.task_values(
+                self.zipped,
+                self._plan,
+                t,
+                [self._plan.output_step],
+                {graph.MODEL_INPUT: inputs[task]},
+                training,
+            )[0]
+            for t, task in enumerate(self.zipped.output)
+        }
+
+
 def retrain_jointly(
     model: keras.Model,
+    plan,
     retrain: Retrain,
     steps: int,
     start_step: int,
     layer: str = "",
 ) -> None:
-    """Trains ``model`` in place for ``steps`` joint steps, starting at batch ``start_step``.
+    """Trains zipped ``model`` (built from ``plan``) in place for ``steps`` joint steps,
+    starting at batch ``start_step``.
 
-    A training model with one input per task feeds task t's batch through the zipped model
-    and keeps output t; Keras sums the per-task losses. Runs under
+    Each step feeds task t's batch through task t's path of the zipped model
+    (:class:`_JointTrainer`) and sums the per-task losses. Runs under
     ``tf.distribute.get_strategy()`` (the model must have been built under it).
 
     Raises:
@@ -320,9 +347,7 @@ def retrain_jointly(
     if missing:
         raise ValueError(f"`Retrain.train` has no dataset for task(s) {missing}.")
     with tf.distribute.get_strategy().scope():
-        inputs = {t: keras.Input(shape=model.input.shape[1:], name=t) for t in tasks}
-        outputs = {t: model(inputs[t])[t] for t in tasks}
-        trainer = keras.Model(inputs, outputs, name=f"{model.name}_joint_trainer")
+        trainer = _JointTrainer(model, plan, name=f"{model.name}_joint_trainer")
         losses = {t: retrain.loss or _default_loss(model, t) for t in tasks}
         trainer.compile(optimizer=retrain.new_optimizer(), loss=losses)
     joint = tf.data.Dataset.zip(
@@ -430,7 +455,7 @@ def after_layer(
     steps = retrain.steps_for(index, count) if retrain is not None else 0
     if steps:
         retrain_jointly(
-            model, retrain, steps, start_step=start_step, layer=plan.hidden_units[index].name
+            model, plan, retrain, steps, start_step=start_step, layer=plan.hidden_units[index].name
         )
         states[:] = zipped_network.read_states(model, plan)
         if evaluation is not None:

@@ -520,6 +520,37 @@ def layer_input(model: keras.Model, layer: keras.layers.Layer):
     return tensors[0] if len(tensors) == 1 else tensors
 
 
+def task_values(
+    model: keras.Model,
+    plan: graph.Plan,
+    t: int,
+    targets: list[int],
+    values: dict,
+    training: bool = False,
+) -> list:
+    """Task t's activations at plan steps ``targets`` of zipped ``model`` (built from
+    ``plan``), computed with its own layers from those in ``values`` ({step index: task t's
+    tensor}, e.g. the model input at :data:`mtz_tf.graph.MODEL_INPUT`), which gains every
+    step computed on the way. Only task t's path is computed: a zipped layer gives task t's
+    output alone (``call_task``), a weightless layer is applied to task t's tensors."""
+    needed, stack = set(), list(targets)
+    while stack:
+        index = stack.pop()
+        if index not in values and index not in needed:
+            needed.add(index)
+            stack.extend(plan.steps[index].inputs)
+    task = list(model.output)[t]
+    for index in sorted(needed):  # plan steps are in topological order
+        step = plan.steps[index]
+        args = [values[i] for i in step.inputs]
+        layer = model.get_layer(step.name)
+        if isinstance(step, graph.Unit):
+            values[index] = layer.call_task(args[0], task, training=training)
+        else:
+            values[index] = layer(args if len(args) > 1 else args[0], training=training)
+    return [values[index] for index in targets]
+
+
 def zipped_layers(model: keras.Model) -> list[_ZippedLayer]:
     """The zipped layers of a zipped model, input to output."""
     return [layer for layer in model.layers if isinstance(layer, _ZippedLayer)]

@@ -362,3 +362,52 @@ def test_default_retraining_optimizer_is_the_input_models_own(caplog):
     assert record["config"]["learning_rate"] == pytest.approx(3e-4)
     assert "differ" in record["source"] and "task 'b'" in record["source"]
     assert "different optimizers" in caplog.text
+
+
+def test_joint_retraining_feeds_each_task_through_its_own_path(fashion):
+    """With nothing shared the tasks are separate networks: what joint retraining does to
+    task b's weights and BatchNorm statistics cannot depend on task a's data."""
+    from conftest import with_batch_norm_statistics
+
+    from mtz_tf import graph, zipped_network
+    from mtz_tf.retrain import retrain_jointly
+
+    pair = {
+        t: with_batch_norm_statistics(
+            models.resnet20((28, 28, 1), 5, 0.25, seed=s, blocks_per_stage=1), s
+        )
+        for t, s in (("a", 1), ("b", 2))
+    }
+    x, y = fashion[0][:128], fashion[1][:128] % 5
+    calib = data.to_dataset(x[:64], batch_size=64)
+    zipped, _ = mtz_tf.zip_models(
+        pair, {"a": calib, "b": calib}, share=0.0, repair="none", verbose=0
+    )
+    plan = graph.read_plan(pair["a"])
+    before = _task_weights(zipped, 1)
+    after = []
+    for scale in (1.0, -3.0):
+        model = zipped_network.build_model(
+            plan, ["a", "b"], zipped_network.read_states(zipped, plan)
+        )
+        train = {
+            "a": data.to_dataset(scale * x, y, batch_size=32),
+            "b": data.to_dataset(x, y, batch_size=32),
+        }
+        retrain = mtz_tf.Retrain(train, optimizer=keras.optimizers.SGD(0.1), verbose=0)
+        retrain_jointly(model, plan, retrain, steps=3, start_step=0)
+        after.append(_task_weights(model, 1))
+        assert any(np.any(v != w) for (_, v), (_, w) in zip(after[-1], before))
+    for (name, first), (_, second) in zip(*after):
+        assert_close(first, second, tol=1e-6, what=name)
+
+
+def _task_weights(zipped, t):
+    """(path, value) of task t's own kernels and BatchNorm variables in a zipped model."""
+    from mtz_tf import zipped_network
+
+    return [
+        (variable.path, variable.numpy())
+        for layer in zipped_network.zipped_layers(zipped)
+        for variable in [layer.task_kernels[t], *(layer.norms[t].weights if layer.norms else [])]
+    ]
