@@ -560,9 +560,11 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
     u's group whose inputs are aligned (all of them when the group is first reached, else u
     alone); ``decide(g, current, u)`` matches and permutes group g at its first writer;
     then u's first k neurons of the ``joining`` tasks (None: all) are tied, the model is
-    rebuilt and repaired (:func:`mtz_tf.repair.repair_unit`, once anything is tied), and the
-    layer is reported and retrained. ``options`` is ``(retrain,
-    evaluation, report, verbose, save)``; ``save(model, completed)`` checkpoints.
+    rebuilt (reusing unchanged layers) and repaired (:func:`mtz_tf.repair.repair_unit`, once
+    anything is tied), the layer is reported and retrained, and the calibration frontier
+    (:mod:`mtz_tf.frontier`, which serves every calibration pass) moves past u.
+    ``options`` is ``(retrain, evaluation, report, verbose, save)``; ``save(model,
+    completed)`` checkpoints.
     """
     retrain, evaluation, report, verbose, save = options
     decided = {top.group_of[u] for u in range(start) if u in top.group_of}
