@@ -160,12 +160,14 @@ def original_hessians(plans, models, states, calibration, mode) -> list:
                 rows.append(layer_zip.hessian_rows(x, state, mode))
             return rows
 
-        hessians, _ = hessian.input_hessians(
-            features,
-            calibration[task],
-            [state.use_bias for state in states[: len(units)]],
-            description=f"calibration data of task {task!r}",
-        )
+        bias = [state.use_bias for state in states[: len(units)]]
+        description = f"calibration data of task {task!r}"
+        if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            hessians, _ = hessian.input_hessians(features, calibration[task], bias, description)
+        else:  # a few batches: eager beats tracing the whole model
+            (hessians,) = hessian.eager_moments(
+                lambda batch, _: features(batch), [calibration[task]], bias, [description]
+            )
         per_task.append([h.numpy() for h in hessians])
     return [list(h) for h in zip(*per_task)]
 

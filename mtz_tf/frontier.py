@@ -171,25 +171,13 @@ class Frontier:
         return features
 
     def moments(self, features, append_bias: list) -> list[list]:
-        """Per task, Σ over its batches of :func:`mtz_tf.hessian.outer_sum` of each of
-        ``features(values, t)``, normalised by its row count (as
-        :func:`mtz_tf.hessian.dataset_hessians`)."""
+        """Per task, the moments ``features(values, t)`` asks for over its kept batches
+        (:func:`mtz_tf.hessian.eager_moments`)."""
         if not self.active:
             return self._full.moments(features, append_bias)
-        results = []
-        for t, (batches, description) in enumerate(
-            zip(self._batches, _descriptions(self._task_names))
-        ):
-            index = tf.constant(t, tf.int32)  # as traced passes give it
-            totals, counts = hessian.summed(
-                [
-                    hessian.outer_sum(x, bias)
-                    for x, bias in zip(features(values, index), append_bias)
-                ]
-                for values in batches
-            )
-            results.append(hessian.normalised(totals, counts, description))
-        return results
+        return hessian.eager_moments(
+            features, self._batches, append_bias, _descriptions(self._task_names)
+        )
 
 
 def calibration_feed(plan: graph.Plan, task_names: list, calibration: dict, budget=None):

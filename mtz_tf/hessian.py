@@ -174,6 +174,32 @@ def dataset_hessians(
     return results
 
 
+def eager_moments(
+    features: Callable,
+    batches: list,
+    append_bias: list[bool],
+    descriptions: list[str],
+) -> list[list[tf.Tensor]]:
+    """:func:`dataset_hessians`' moments computed eagerly, batch by batch, in one process:
+    per entry of ``batches`` (an iterable of batches: a dataset, or kept activations), the
+    normalised sums of :func:`outer_sum` of ``features(batch, index)`` (``index`` the
+    entry's position as a scalar int32 tensor). No ``tf.function`` is traced, which pays
+    for a few calibration batches through a model that changes between passes.
+
+    Raises:
+        ValueError: as :func:`dataset_hessians`.
+    """
+    results = []
+    for position, (entry, description) in enumerate(zip(batches, descriptions)):
+        index = tf.constant(position, tf.int32)
+        totals, counts = summed(
+            [outer_sum(x, bias) for x, bias in zip(features(batch, index), append_bias)]
+            for batch in entry
+        )
+        results.append(normalised(totals, counts, description))
+    return results
+
+
 def summed(batch_sums) -> tuple[list | None, list | None]:
     """``(totals, counts)``: the element-wise sums over batches of per-batch lists of
     :func:`outer_sum` results ``[(Σ x̃x̃ᵀ, n), ...]``; ``(None, None)`` for no batch."""
