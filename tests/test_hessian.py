@@ -94,3 +94,47 @@ def test_per_channel_hessians_are_each_channels_own():
     for c in range(3):
         x_tilde = np.hstack([x[:, :, c].astype(np.float64), np.ones((30, 1))])
         np.testing.assert_allclose(h[c].numpy(), x_tilde.T @ x_tilde / 30, rtol=1e-6)
+
+
+@pytest.mark.parametrize("append_bias", [True, False])
+def test_channel_mode_rows_match_a_float64_reference_to_rounding(append_bias):
+    """A conv layer's per-pixel rows (the "channel" mode, a row per pixel) give Σ x̃ x̃ᵀ / N to
+    float64 rounding: no float32 product or sum anywhere. The inputs have a non-zero mean,
+    so the bias row and column (Σ x and N) are large, and the last batch is short."""
+    rng = np.random.default_rng(5)
+    x = (3.0 + rng.normal(size=(11, 4, 5, 7))).astype(np.float32)  # maps (N, H, W, C)
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(4)  # batches of 4, 4, 3
+    h, n = hessian.input_hessian(lambda b: tf.reshape(b, [-1, 7]), dataset, append_bias)
+    rows = x.reshape(-1, 7).astype(np.float64)  # (N·H·W, C)
+    if append_bias:
+        rows = np.hstack([rows, np.ones((len(rows), 1))])
+    assert n == 11 * 4 * 5 and h.dtype == tf.float64
+    assert_close(h.numpy(), rows.T @ rows / len(rows), tol=1e-12)
+
+
+def test_cross_and_per_channel_moments_match_a_float64_reference_to_rounding():
+    """The bias-bordered :class:`hessian.Cross` and :class:`hessian.PerChannel` moments equal
+    the products of explicitly augmented float64 rows to rounding."""
+    rng = np.random.default_rng(6)
+    x = (2.0 + rng.normal(size=(50, 6))).astype(np.float32)
+    y = (-1.0 + rng.normal(size=(50, 3))).astype(np.float32)
+    p = (1.0 + rng.normal(size=(50, 4, 3))).astype(np.float32)  # per-channel rows (n, d, C)
+
+    def tilde(a):
+        return np.concatenate([a.astype(np.float64), np.ones(a.shape[:1] + (1,) + a.shape[2:])], 1)
+
+    cross, n = hessian.outer_sum(hessian.Cross(tf.constant(x), tf.constant(y)), True)
+    assert_close(cross.numpy(), tilde(x).T @ tilde(y), tol=1e-12)
+    per_channel, _ = hessian.outer_sum(hessian.PerChannel(tf.constant(p)), True)
+    expected = np.einsum("npc,nqc->cpq", tilde(p), tilde(p))
+    assert per_channel.shape == (3, 5, 5) and float(n) == 50
+    assert_close(per_channel.numpy(), expected, tol=1e-12)
+
+
+def test_rows_of_width_zero_leave_the_bias_entry_alone():
+    dataset = tf.data.Dataset.from_tensor_slices(np.zeros((5, 0), np.float32)).batch(2)
+    h, n = hessian.input_hessian(lambda b: b, dataset, append_bias=True)
+    assert n == 5
+    np.testing.assert_array_equal(h.numpy(), [[1.0]])
+    cross, _ = hessian.outer_sum(hessian.Cross(tf.zeros([3, 0]), tf.ones([3, 2])), True)
+    np.testing.assert_array_equal(cross.numpy(), [[3.0, 3.0, 3.0]])
