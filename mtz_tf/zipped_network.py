@@ -205,7 +205,19 @@ def zipped_kind(kind: str, folded: bool) -> str:
 
 
 def set_layer_weights(layer: _ZippedLayer, state: LayerState) -> None:
-    """Assigns a :class:`LayerState`'s arrays to a built zipped layer."""
+    """Assigns a :class:`LayerState`'s arrays to a built zipped layer.
+
+    The layer remembers the array it was last given for each variable (held, so that its
+    identity cannot pass to another array), and an array given again is not assigned
+    again: a zip rebuilding its network after each unit (:func:`build_model`'s ``reuse``)
+    assigns only what changed, since every change to a state gives it new arrays. Anything
+    else that writes the variables (retraining) is followed by new states read back from
+    the model (:func:`read_states`).
+    """
+    assigned = getattr(layer, "_mtz_assigned", None)
+    if assigned is None:
+        assigned = {}
+        object.__setattr__(layer, "_mtz_assigned", assigned)  # not a tracked attribute
     pairs = [(layer.shared_kernel, state.shared_kernel)]
     pairs += list(zip(layer.cross_kernels, state.cross_kernels))
     pairs += list(zip(layer.task_kernels, state.kernels))
@@ -215,7 +227,9 @@ def set_layer_weights(layer: _ZippedLayer, state: LayerState) -> None:
     for norm, values in zip(layer.norms, state.norms):
         pairs += list(zip((norm.gamma, norm.beta, norm.moving_mean, norm.moving_variance), values))
     for variable, value in pairs:
-        variable.assign(np.asarray(value, dtype=variable.dtype))
+        if assigned.get(variable.path) is not value:
+            variable.assign(np.asarray(value, dtype=variable.dtype))
+            assigned[variable.path] = value
 
 
 def read_layer_state(layer: _ZippedLayer, input_group: int = 1, kind=None) -> LayerState:
