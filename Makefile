@@ -51,6 +51,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check mtz_tf experiments benchmarks tests
 
 bench: $(STAMP)
+	$(PY) benchmarks/bench_speed.py --resnet50
 	$(PY) benchmarks/bench_cost.py
 	$(PY) benchmarks/bench_matching.py
 

@@ -87,14 +87,21 @@ def step_compute_seconds(zipped, plan, train: dict, steps: int) -> float:
     return time.perf_counter() - began
 
 
-def resnet20_ratios() -> None:
-    rng = np.random.default_rng(0)
-    pair = {"a": models.resnet20(seed=1), "b": models.resnet20(seed=2)}
+def zip_against_forward(pair: dict, rng):
+    """``(x, calibration, forward seconds, zip seconds, report)`` of a default zip of
+    ``pair`` (32x32x3 inputs) on ``--samples`` random calibration images per task."""
     x = rng.normal(size=(FLAGS.samples, 32, 32, 3)).astype(np.float32)
     calib = tf.data.Dataset.from_tensor_slices(x).batch(FLAGS.calibration_batch)
     calibration = {"a": calib, "b": calib}
     forward = forward_seconds(pair, calibration)
-    plain, _, report = zip_seconds(pair, calibration)
+    seconds, _, report = zip_seconds(pair, calibration)
+    return x, calibration, forward, seconds, report
+
+
+def resnet20_ratios() -> None:
+    rng = np.random.default_rng(0)
+    pair = {"a": models.resnet20(seed=1), "b": models.resnet20(seed=2)}
+    x, calibration, forward, plain, report = zip_against_forward(pair, rng)
     print(
         f"[1] ResNet-20 x2 (32x32, BN), {FLAGS.samples} calibration samples each: zip "
         f"{plain:.2f}s = {plain / forward:.1f}x one calibration forward pass of both input "
@@ -125,11 +132,7 @@ def resnet50_ratio() -> None:
         pair[task] = keras.applications.ResNet50(
             weights=None, input_shape=(32, 32, 3), classes=10, name=f"resnet50_{task}"
         )
-    x = rng.normal(size=(FLAGS.samples, 32, 32, 3)).astype(np.float32)
-    calib = tf.data.Dataset.from_tensor_slices(x).batch(FLAGS.calibration_batch)
-    calibration = {"a": calib, "b": calib}
-    forward = forward_seconds(pair, calibration)
-    seconds, _, report = zip_seconds(pair, calibration)
+    _, _, forward, seconds, report = zip_against_forward(pair, rng)
     print(
         f"[4] keras.applications ResNet50 x2 (32x32), {FLAGS.samples} calibration samples "
         f"each, {len(report.layers)} layers: zip {seconds:.1f}s = {seconds / forward:.1f}x "

@@ -38,6 +38,15 @@ class Cross:
     y: tf.Tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class Squares:
+    """Rows (n, d) of which only each column's sums are wanted (:func:`outer_sum`): the
+    diagonal of Σ_n x_n x_nᵀ and Σ_n x_n, e.g. for per-channel means and variances
+    (BatchNorm statistics), at O(n·d) instead of the full moment's O(n·d²)."""
+
+    rows: tf.Tensor
+
+
 def _flat_rows(x) -> tf.Tensor:
     """Float64 rows (n, d) of a batch (n, ...). Rows already 2-D are not reshaped: every op
     adds to the trace that each Hessian pass makes anew."""
@@ -70,10 +79,16 @@ def outer_sum(x, append_bias: bool) -> tuple[tf.Tensor, tf.Tensor]:
     (or (n, ...), flattened per row).
 
     :class:`PerChannel` rows (n, d, C) give C Hessians, one per channel: (C, d, d) (or
-    (C, d+1, d+1)); :class:`Cross` rows give Σ_n x̃_n ỹ_nᵀ, (d(+1), e(+1)). Plain and
+    (C, d+1, d+1)); :class:`Cross` rows give Σ_n x̃_n ỹ_nᵀ, (d(+1), e(+1)); :class:`Squares`
+    rows give [Σ_n x_n²; Σ_n x_n] (2, d), whatever ``append_bias``. Plain and
     :class:`Cross` rows are cast to float64 once and bordered with the bias's row and column
     (:func:`_bordered`) rather than copied with a 1 appended.
     """
+    if isinstance(x, Squares):
+        x = _flat_rows(x.rows)
+        ones = tf.ones([1, tf.shape(x)[0]], x.dtype)
+        sums = tf.matmul(ones, tf.concat([tf.square(x), x], axis=1))  # (1, 2d)
+        return tf.reshape(sums, [2, -1]), tf.cast(tf.shape(x)[0], tf.float64)
     if isinstance(x, PerChannel):
         x = tf.cast(x.rows, tf.float64)
         if append_bias:

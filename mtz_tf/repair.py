@@ -83,12 +83,11 @@ def reestimate_batch_norm(model, unit: int, state, feed, tasks) -> None:
             lambda task=task: layer.pre_normalization(task, x) for task in range(len(state.norms))
         ]
         z = tf.switch_case(t, branches)
-        return [tf.reshape(z, [-1, tf.shape(z)[-1]])]  # a row per sample or pixel
+        return [hessian.Squares(tf.reshape(z, [-1, tf.shape(z)[-1]]))]  # a row per pixel
 
-    for t, (second,) in enumerate(feed.moments(features, [True])):
-        second = second.numpy()
-        mean = second[-1, :-1]
-        variance = np.maximum(np.diag(second)[:-1] - mean**2, 0.0)
+    for t, (moments,) in enumerate(feed.moments(features, [False])):
+        second, mean = moments.numpy()
+        variance = np.maximum(second - mean**2, 0.0)
         if t not in tasks:
             continue
         gamma, beta, _, _ = state.norms[t]

@@ -138,3 +138,13 @@ def test_rows_of_width_zero_leave_the_bias_entry_alone():
     np.testing.assert_array_equal(h.numpy(), [[1.0]])
     cross, _ = hessian.outer_sum(hessian.Cross(tf.zeros([3, 0]), tf.ones([3, 2])), True)
     np.testing.assert_array_equal(cross.numpy(), [[3.0, 3.0, 3.0]])
+
+
+def test_squares_rows_give_each_columns_sum_of_squares_and_sum():
+    rng = np.random.default_rng(3)
+    x = rng.normal(3.0, 2.0, size=(50, 4, 4, 6)).astype(np.float32)
+    sums, n = hessian.outer_sum(hessian.Squares(tf.reshape(x, [-1, 6])), append_bias=True)
+    rows = x.reshape(-1, 6).astype(np.float64)
+    expected = np.stack([(rows**2).sum(0), rows.sum(0)])
+    assert float(n) == len(rows)
+    np.testing.assert_allclose(sums.numpy(), expected, rtol=1e-12)
