@@ -144,8 +144,7 @@ def main(argv):
     del argv
     resnet20_ratios()
     print("[3] kernels against this machine's float64 matmul:")
-    rate = bench_hessian.matmul_rate()
-    bench_hessian.hessian_throughput(rate)
+    bench_hessian.hessian_throughput()
     bench_cost.patch_mode(np.random.default_rng(0))
     if FLAGS.resnet50:
         resnet50_ratio()
