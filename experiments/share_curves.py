@@ -1,0 +1,252 @@
+"""Accuracy against shared parameters, over seed pairs, with and without repair and light
+retraining.
+
+    python experiments/share_curves.py --set=lenet300 --pairs=3
+    python experiments/share_curves.py --set=lenet5 --pairs=3
+
+For each of ``--pairs`` pairs of converged same-task models from ``--model_dir``
+(``experiments/train_inputs.py``; seeds 2p+1, 2p+2, hidden units of each permuted), every
+hidden layer shares the fraction s of its neurons, for each s of ``--shares``, zipped with the
+defaults and with ``repair="none"``:
+
+* before retraining;
+* after light joint retraining: ``--retrain_fraction`` of the fewest iterations an input model
+  of the pair took from scratch (the models' own optimizer, run once after the whole zip).
+
+The control is each input model fine-tuned alone for the same number of steps. A point's
+drop is the mean over its two tasks of (original − zipped accuracy), in points, against the
+original for "before retraining" and against the fine-tuned control for "after"; mean ± std
+over the pairs. The headline is the largest fraction of shared parameters
+(:func:`mtz_tf.shared_parameter_fraction`) whose mean validation drop after retraining, with
+the defaults, is at most 0.5 points. Writes results/share_curves_<set>.{json,md,png}.
+"""
+
+import quiet_startup  # noqa: F401 (first: quiets TensorFlow's native log)
+
+import json
+import os
+
+import keras
+import numpy as np
+from absl import flags
+
+import mtz_tf
+from mtz_tf import cli, data, fitting, io_utils, models, retrain, training
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("set", "lenet300", ["lenet300", "lenet5"], "The converged input models.")
+flags.DEFINE_integer("pairs", 3, "Seed pairs of input models.")
+flags.DEFINE_list("shares", ["0", "0.25", "0.5", "0.75", "1"], "Fractions of every hidden layer.")
+flags.DEFINE_float("retrain_fraction", 0.05, "Light retraining steps / from-scratch iterations.")
+flags.DEFINE_integer("batch_size", 128, "Retraining batch size per task.")
+flags.DEFINE_integer("calibration_size", 5000, "Calibration samples per task.")
+flags.DEFINE_string("results_dir", "results", "Where the JSON, Markdown and PNG go.")
+flags.DEFINE_string("data_dir", None, "Directory of Fashion-MNIST IDX files.")
+flags.DEFINE_string("model_dir", "pretrained", "The converged input models.")
+
+TASKS = ("model_a", "model_b")
+SPLITS = ("validation", "test")
+REPAIRS = ("refit", "none")
+STAGES = ("before", "after")
+LOSS_LIMIT = 0.5
+
+
+def _inputs(pair: int) -> tuple[dict, int]:
+    """The pair's permuted input models and the fewest from-scratch iterations of the two."""
+    originals, iterations = {}, []
+    for offset, task in enumerate(TASKS, start=1):
+        seed = 2 * pair + offset
+        stem = os.path.join(FLAGS.model_dir, f"{FLAGS.set}_seed{seed}")
+        originals[task] = models.permute_hidden(io_utils.load_model(stem + ".keras"), 100 + seed)
+        with open(stem + ".json") as f:
+            iterations.append(json.load(f)["iterations"])
+    return originals, min(iterations)
+
+
+def _fine_tuned_alone(model: keras.Model, train, steps: int) -> keras.Model:
+    """A copy of ``model`` trained alone for ``steps`` steps with its own optimizer, fresh."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    copy.compile(
+        optimizer=retrain.resolve_optimizer(mtz_tf.Retrain({}), {"the input model": model})[
+            0
+        ].new_optimizer(),
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=model.layers[-1].get_config().get("activation") != "softmax"
+        ),
+    )
+    fitting.fit(copy, train.repeat().take(steps))
+    return copy
+
+
+def _pair_record(pair: int, splits: dict) -> dict:
+    originals, iterations = _inputs(pair)
+    steps = max(1, int(FLAGS.retrain_fraction * iterations))
+    x = splits["train"][0]
+    subsets = [data.calibration_subset(x, FLAGS.calibration_size, seed=i) for i in range(2)]
+    calibration = {t: data.to_dataset(s, batch_size=500) for t, s in zip(TASKS, subsets)}
+    sets = {s: {t: data.to_dataset(*splits[s], batch_size=1000) for t in TASKS} for s in SPLITS}
+    train = {
+        t: data.to_dataset(*splits["train"], batch_size=FLAGS.batch_size, shuffle=True, seed=i)
+        for i, t in enumerate(TASKS)
+    }
+    record = {
+        "steps": steps,
+        "original": {
+            s: {t: training.dataset_accuracy(originals[t], sets[s][t]) for t in TASKS}
+            for s in SPLITS
+        },
+    }
+    alone = {t: _fine_tuned_alone(originals[t], train[t], steps) for t in TASKS}
+    record["fine-tuned alone"] = {
+        s: {t: training.dataset_accuracy(alone[t], sets[s][t]) for t in TASKS} for s in SPLITS
+    }
+    hidden = len(mtz_tf.graph.read_plan(originals[TASKS[0]]).hidden_units)
+    light = mtz_tf.Retrain(train, steps_per_layer=[0] * (hidden - 1) + [steps], verbose=0)
+    for share in FLAGS.shares:
+        for repair in REPAIRS:
+            for stage in STAGES:
+                zipped, _ = mtz_tf.zip_models(
+                    originals,
+                    calibration,
+                    share=float(share),
+                    repair=repair,
+                    retrain=light if stage == "after" else None,
+                    verbose=0,
+                )
+                key = f"{share}/{repair}/{stage}"
+                record[key] = {s: retrain.task_accuracies(zipped, sets[s]) for s in SPLITS}
+                record[key]["shared_fraction"] = mtz_tf.shared_parameter_fraction(zipped)
+                cli.logger.info(
+                    "pair %d share %s repair %s %s retraining: validation drop %.2f",
+                    pair,
+                    share,
+                    repair,
+                    stage,
+                    _drop(record, key, "validation"),
+                )
+    return record
+
+
+def _drop(record: dict, key: str, split: str) -> float:
+    """Mean over the tasks of (reference − zipped accuracy), in points: the original before
+    retraining, the fine-tuned control after."""
+    reference = record["fine-tuned alone" if key.endswith("/after") else "original"][split]
+    return float(np.mean([100 * (reference[t] - record[key][split][t]) for t in TASKS]))
+
+
+def _points(records: list, repair: str, stage: str, split: str) -> list:
+    """(mean shared fraction %, mean drop, std drop) per share."""
+    rows = []
+    for share in FLAGS.shares:
+        key = f"{share}/{repair}/{stage}"
+        drops = [_drop(r, key, split) for r in records]
+        fraction = 100 * np.mean([r[key]["shared_fraction"] for r in records])
+        rows.append((fraction, float(np.mean(drops)), float(np.std(drops, ddof=1))))
+    return rows
+
+
+def _headline(records: list) -> str:
+    meeting = [
+        f for f, mean, _ in _points(records, "refit", "after", "validation") if mean <= LOSS_LIMIT
+    ]
+    if not meeting:
+        return f"no tested share stays within {LOSS_LIMIT} points after light retraining"
+    return (
+        f"{max(meeting):.1f} % of the parameters shared at a mean validation loss of at most "
+        f"{LOSS_LIMIT} points after light retraining (defaults)"
+    )
+
+
+def _command() -> str:
+    return (
+        f"python experiments/share_curves.py --set={FLAGS.set} --pairs={FLAGS.pairs} "
+        f"--shares={','.join(FLAGS.shares)} --retrain_fraction={FLAGS.retrain_fraction}"
+    )
+
+
+def _table(records: list) -> str:
+    name = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}[FLAGS.set]
+    alone = [
+        float(np.mean([100 * (r["original"][s][t] - r["fine-tuned alone"][s][t]) for t in TASKS]))
+        for r in records
+        for s in ("validation",)
+    ]
+    lines = [
+        f"# Accuracy against shared parameters: {name} same-task pairs, Fashion-MNIST",
+        "",
+        "Regenerate with:",
+        "",
+        f"```\n{_command()}\n```",
+        "",
+        f"{len(records)} seed pairs of converged {name} (`pretrained/`), hidden units permuted; "
+        "every hidden layer shares the same fraction of its neurons. Drop: mean over the two "
+        "tasks of reference − zipped accuracy (points), mean ± std over the pairs; reference: "
+        "the originals before retraining, each model fine-tuned alone for the same steps after "
+        f"it. Light retraining: {records[0]['steps']} joint steps (of the pair's from-scratch "
+        f"iterations × {FLAGS.retrain_fraction}) after the whole zip, the models' own optimizer.",
+        "",
+        f"**Headline:** {_headline(records)}.",
+        "",
+        "Fine-tuned-alone control against the originals (validation, points): "
+        f"{np.mean(alone):+.2f} ± {np.std(alone, ddof=1):.2f} drop.",
+        "",
+    ]
+    for split in SPLITS:
+        lines += [
+            f"{split.capitalize()} drop (pp):",
+            "",
+            "| share | shared params (%) | defaults, before | none, before | defaults, after "
+            "| none, after |",
+            "|---|---|---|---|---|---|",
+        ]
+        columns = [_points(records, r, s, split) for s in STAGES for r in REPAIRS]
+        for index, share in enumerate(FLAGS.shares):
+            cells = [f"{c[index][1]:.2f} ± {c[index][2]:.2f}" for c in columns]
+            lines.append(f"| {share} | {columns[0][index][0]:.1f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _figure(records: list):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for stage in STAGES:
+        for repair in REPAIRS:
+            rows = _points(records, repair, stage, "validation")
+            axis.errorbar(
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                yerr=[r[2] for r in rows],
+                marker="o",
+                capsize=3,
+                label=f"{'defaults' if repair == 'refit' else 'no repair'}, {stage} retraining",
+            )
+    axis.axhline(LOSS_LIMIT, color="grey", linestyle=":", linewidth=1)
+    axis.set_xlabel("shared parameters (%)")
+    axis.set_ylabel("validation drop (points)")
+    axis.set_title(f"{FLAGS.set}: {len(records)} seed pairs, mean ± std")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def main(argv):
+    del argv
+    if FLAGS.pairs < 2:
+        raise ValueError("--pairs must be at least 2 for a standard deviation.")
+    splits = data.load_task("fashion_mnist", data_dir=FLAGS.data_dir)
+    records = [_pair_record(pair, splits) for pair in range(FLAGS.pairs)]
+    stem = os.path.join(FLAGS.results_dir, f"share_curves_{FLAGS.set}")
+    io_utils.write_json(stem + ".json", {"command": _command(), "pairs": records})
+    io_utils.write_text(stem + ".md", _table(records))
+    io_utils.save_figure(_figure(records), stem + ".png")
+    print(_table(records))
+
+
+if __name__ == "__main__":
+    cli.run(main)
