@@ -25,10 +25,11 @@ import time
 
 import merge_baselines
 import numpy as np
+import seed_pairs
 from absl import flags
 
 import mtz_tf
-from mtz_tf import cli, data, io_utils, models, retrain, training
+from mtz_tf import cli, data, retrain, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("pairs", 3, "Seed pairs of input models.")
@@ -37,7 +38,7 @@ flags.DEFINE_string("data_dir", None, "Directory of Fashion-MNIST IDX files.")
 flags.DEFINE_string("model_dir", "pretrained", "The converged input models.")
 flags.DEFINE_integer("calibration_size", 5000, "Calibration samples per task.")
 
-TASKS = ("model_a", "model_b")
+TASKS = seed_pairs.TASKS
 SPLITS = ("validation", "test")
 MTZ_ROWS = (
     ("MTZ optimal + refit (defaults)", dict()),
@@ -72,11 +73,7 @@ def _baseline(originals: dict, method: str, own_heads: bool, x: np.ndarray) -> d
 
 def _pair_record(pair: int, splits: dict) -> dict:
     """Original and merged accuracies and seconds of one seed pair, per row label."""
-    originals = {}
-    for offset, task in enumerate(TASKS, start=1):
-        seed = 2 * pair + offset
-        path = os.path.join(FLAGS.model_dir, f"lenet300_seed{seed}.keras")
-        originals[task] = models.permute_hidden(io_utils.load_model(path), seed=100 + seed)
+    originals, _ = seed_pairs.load_pair(FLAGS.model_dir, "lenet300", pair)
     x = splits["train"][0]
     subsets = [data.calibration_subset(x, FLAGS.calibration_size, seed=i) for i in range(2)]
     calibration = {t: data.to_dataset(s, batch_size=500) for t, s in zip(TASKS, subsets)}
@@ -149,14 +146,8 @@ def _table(records: list) -> str:
 
 def main(argv):
     del argv
-    if FLAGS.pairs < 2:
-        raise ValueError("--pairs must be at least 2 for a standard deviation.")
-    splits = data.load_task("fashion_mnist", data_dir=FLAGS.data_dir)
-    records = [_pair_record(pair, splits) for pair in range(FLAGS.pairs)]
     stem = os.path.join(FLAGS.results_dir, "same_task_merge_lenet300")
-    io_utils.write_json(stem + ".json", {"pairs": records})
-    io_utils.write_text(stem + ".md", _table(records))
-    print(_table(records))
+    seed_pairs.run(FLAGS.pairs, FLAGS.data_dir, _pair_record, stem, _table)
 
 
 if __name__ == "__main__":

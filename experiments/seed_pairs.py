@@ -1,0 +1,43 @@
+"""What the seed-pair experiments share: their input models and their run.
+
+Pair p of a set of converged same-task models (``experiments/train_inputs.py``, in
+``pretrained/``) is the models of seeds 2p+1 and 2p+2, the hidden units of each permuted
+(seed 100 + its own), so that no two models start aligned.
+"""
+
+import json
+import os
+
+from mtz_tf import data, io_utils, models
+
+TASKS = ("model_a", "model_b")
+
+
+def load_pair(model_dir: str, set_name: str, pair: int) -> tuple[dict, list]:
+    """``({task: permuted input model}, [each model's training record])`` of pair ``pair``."""
+    originals, records = {}, []
+    for offset, task in enumerate(TASKS, start=1):
+        seed = 2 * pair + offset
+        stem = os.path.join(model_dir, f"{set_name}_seed{seed}")
+        originals[task] = models.permute_hidden(io_utils.load_model(stem + ".keras"), 100 + seed)
+        with open(stem + ".json") as f:
+            records.append(json.load(f))
+    return originals, records
+
+
+def run(pairs: int, data_dir, pair_record, stem: str, table, extra=None) -> list:
+    """Runs ``pair_record(pair, splits)`` for every pair on Fashion-MNIST's splits and writes
+    ``stem``.json (the records, with ``extra`` entries) and ``stem``.md (``table(records)``),
+    which it also prints; returns the records.
+
+    Raises:
+        ValueError: for fewer than 2 pairs (no standard deviation).
+    """
+    if pairs < 2:
+        raise ValueError("--pairs must be at least 2 for a standard deviation.")
+    splits = data.load_task("fashion_mnist", data_dir=data_dir)
+    records = [pair_record(pair, splits) for pair in range(pairs)]
+    io_utils.write_json(stem + ".json", {**(extra or {}), "pairs": records})
+    io_utils.write_text(stem + ".md", table(records))
+    print(table(records))
+    return records
