@@ -220,7 +220,10 @@ def zip_models(
             Concatenate), with the same graph and input shape. Widths may differ. Not
             modified.
         calibration: {task: batched tf.data.Dataset of inputs, or of (inputs, labels)};
-            labels are ignored. The Hessians average over all of it.
+            labels are ignored. The Hessians average over all of it. It is read once and
+            each task's activations at the zip frontier are kept in memory
+            (:mod:`mtz_tf.frontier`), so each unit costs one local step; past
+            ``mtz_tf.frontier.DEFAULT_BUDGET_BYTES`` (2 GiB) every pass runs from the input.
         share: fraction of every hidden layer to share (float), per-layer counts or
             fractions as a list or {layer name: value} (see :func:`resolve_shares`), or a
             :class:`mtz_tf.ShareBudget` (a global parameter fraction or merge-cost budget,
