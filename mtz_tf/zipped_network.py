@@ -449,10 +449,9 @@ def _zipped_steps(zipped: keras.Model) -> list[tuple]:
         layer for layer in zipped.layers if not isinstance(layer, keras.layers.InputLayer)
     ]
     index = {id(layer): i for i, layer in enumerate(own_layers)}
-    nodes = {id(node) for depth in zipped._nodes_by_depth.values() for node in depth}
     steps = []
     for layer in own_layers:
-        node = next(n for n in layer._inbound_nodes if id(n) in nodes)
+        node = _first_node(zipped, layer)
         inputs = tuple(
             index.get(id(tensor._keras_history.operation), graph.MODEL_INPUT)
             for tensor in node.input_tensors
@@ -524,13 +523,18 @@ def zipped_difference(zipped: keras.Model, plan: graph.Plan, folded: bool) -> st
     return None
 
 
+def _first_node(model: keras.Model, layer: keras.layers.Layer):
+    """``layer``'s first call within ``model`` (its first inbound node that is ``model``'s;
+    a layer shared with other models has theirs too)."""
+    nodes = {id(node) for depth in model._nodes_by_depth.values() for node in depth}
+    return next(n for n in layer._inbound_nodes if id(n) in nodes)
+
+
 def layer_input(model: keras.Model, layer: keras.layers.Layer):
     """The symbolic input of ``layer`` within ``model`` (one tensor, or a list for a layer
     called on several), also when the layer serves several models (:func:`build_model`'s
     ``reuse``), where ``layer.input`` is its first model's."""
-    nodes = {id(node) for depth in model._nodes_by_depth.values() for node in depth}
-    node = next(n for n in layer._inbound_nodes if id(n) in nodes)
-    tensors = list(node.input_tensors)
+    tensors = list(_first_node(model, layer).input_tensors)
     return tensors[0] if len(tensors) == 1 else tensors
 
 
