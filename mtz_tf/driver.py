@@ -577,6 +577,7 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
     changed = any(state.shared_units for state in states[:start])  # anything tied yet
     feed = frontier.calibration_feed(plan, task_names, calibration)
     feed.reset(model, start)
+    session = {}  # the retraining's trainer and batch stream, kept between units
     for u in range(start, len(plan.hidden_units)):
         began = time.time()
         g = top.group_of.get(u)  # None for a spanning unit: its order is its inputs'
@@ -624,13 +625,15 @@ def _walk(plan, task_names, states, top, calibration, config, decide, joining, o
             began,
             timings,
             verbose,
+            session,
         )
         layer_report.repair = repaired
         moved = time.time()
-        if layer_report.retrain_steps:  # every weight moved: the frontier is recomputed
-            feed.reset(model, u + 1)
-        else:
-            feed.advance(model, u)
+        if u + 1 < len(plan.hidden_units):  # nothing reads the last unit's frontier
+            if layer_report.retrain_steps:  # every weight moved: the frontier is recomputed
+                feed.reset(model, u + 1)
+            else:
+                feed.advance(model, u)
         layer_report.timings["frontier"] = time.time() - moved
         layer_report.seconds += layer_report.timings["frontier"]
         report.layers.append(layer_report)

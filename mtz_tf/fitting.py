@@ -23,13 +23,14 @@ or epoch that set it. The returned history is a ``keras.callbacks.History``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import keras
 import tensorflow as tf
 
 
-def _build(model: keras.Model, dataset: tf.data.Dataset) -> None:
+def build(model: keras.Model, dataset: tf.data.Dataset) -> None:
     """Creates the compiled loss's and the optimizer's variables before the first step, in
     the strategy's cross-replica context (variables cannot be created inside a replica
     step of a multi-worker strategy), from a batch of one zero sample shaped as
@@ -43,10 +44,11 @@ def _build(model: keras.Model, dataset: tf.data.Dataset) -> None:
     model.optimizer.build(model.trainable_variables)
 
 
-def train_step_function(model: keras.Model) -> Callable:
+def train_step_function(model: keras.Model, transform: Callable | None = None) -> Callable:
     """A ``tf.function`` of one training step of compiled ``model`` on a distributed
     ``(x, y)`` batch under the model's strategy (module docstring); it returns the step's
-    global mean loss."""
+    global mean loss. ``transform``, if given, maps the list of gradients (of
+    ``model.trainable_variables``, in order) to the list the optimizer applies."""
     strategy = model.distribute_strategy
     weights = model.trainable_variables
 
@@ -56,6 +58,8 @@ def train_step_function(model: keras.Model) -> Callable:
             loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
             scaled = model.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, weights)
+        if transform is not None:
+            gradients = transform(gradients)
         model.optimizer.apply_gradients(zip(gradients, weights))
         return loss
 
@@ -75,6 +79,8 @@ def fit(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     epoch_logs: Callable[[], dict] | None = None,
     verbose: int = 0,
+    step: Callable | None = None,
+    steps: int | None = None,
 ) -> keras.callbacks.History:
     """Trains compiled ``model`` in place on ``dataset`` for ``epochs`` passes.
 
@@ -90,16 +96,29 @@ def fit(
         epoch_logs: optional function returning extra logs for ``on_epoch_end``, e.g.
             ``{"val_accuracy": ...}``, for callbacks such as ``EarlyStopping``.
         verbose: 0 silent, 1 a progress bar, 2 one line per epoch.
+        step: a step of ``model`` from :func:`train_step_function`, kept from an earlier
+            ``fit`` so that it is not traced again (its loss and optimizer are built
+            already); default: a new one.
+        steps: int, batches per epoch (default: to the dataset's end). With ``steps``,
+            ``dataset`` may also be an iterator of batches (one replica), which each epoch
+            continues where the last stopped.
 
     Returns:
         The ``keras.callbacks.History`` of the run.
     """
     strategy = model.distribute_strategy
-    with strategy.scope():
-        _build(model, dataset)
-    step = train_step_function(model)
-    distributed = strategy.experimental_distribute_dataset(dataset)
-    steps = int(dataset.cardinality())
+    if step is None:
+        with strategy.scope():
+            build(model, dataset)
+        step = train_step_function(model)
+    if isinstance(dataset, tf.data.Dataset):
+        distributed = strategy.experimental_distribute_dataset(dataset)
+        if steps is None and int(dataset.cardinality()) >= 0:
+            steps = int(dataset.cardinality())
+    elif steps is None or strategy.num_replicas_in_sync > 1:
+        raise ValueError("An iterator of batches needs `steps` and one replica.")
+    else:
+        distributed = dataset
     callback_list = keras.callbacks.CallbackList(
         list(callbacks),
         add_history=True,
@@ -107,7 +126,7 @@ def fit(
         model=model,
         verbose=verbose,
         epochs=epochs,
-        steps=steps if steps >= 0 else None,
+        steps=steps,
     )
     model.stop_training = False
     callback_list.on_train_begin()
@@ -115,7 +134,8 @@ def fit(
     for epoch in range(epochs):
         callback_list.on_epoch_begin(epoch)
         total, count = 0.0, 0
-        for batch_index, batch in enumerate(distributed):
+        batches = distributed if steps is None else itertools.islice(distributed, steps)
+        for batch_index, batch in enumerate(batches):
             callback_list.on_train_batch_begin(batch_index)
             total, count = total + float(step(batch)), count + 1
             callback_list.on_train_batch_end(batch_index, {"loss": total / count})

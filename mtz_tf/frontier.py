@@ -143,8 +143,7 @@ class Frontier:
             ready = index not in self._evaluated and all(i in self._evaluated for i in step.inputs)
             if ready and (not isinstance(step, graph.Unit) or index in self._finished):
                 for t, batches in enumerate(self._batches):
-                    for values in batches:
-                        zipped_network.task_values(model, self._plan, t, [index], values)
+                    self._evaluate(model, t, index, batches)
                 self._evaluated.add(index)
         read = {i for j, s in enumerate(steps) if j not in self._evaluated for i in s.inputs}
         for batches in self._batches:
@@ -153,6 +152,19 @@ class Frontier:
                     del values[index]
         if _nbytes(v for b in self._batches for vs in b for v in vs.values()) > self._budget:
             self._inputs = self._batches = None  # from here on, full passes
+
+    def _evaluate(self, model: keras.Model, t: int, index: int, batches: list) -> None:
+        """Adds step ``index``'s task-t activations to each of ``batches``, computed once on
+        all of them together (one eager op per layer, not one per batch) and split."""
+        inputs = self._plan.steps[index].inputs
+        if len(batches) == 1:
+            zipped_network.task_values(model, self._plan, t, [index], batches[0])
+            return
+        merged = {i: tf.concat([values[i] for values in batches], axis=0) for i in inputs}
+        output = zipped_network.task_values(model, self._plan, t, [index], merged)[0]
+        sizes = [int(values[inputs[0]].shape[0]) for values in batches]
+        for values, part in zip(batches, tf.split(output, sizes, axis=0)):
+            values[index] = part
 
     def task_inputs(self, model: keras.Model, layers: list, widths: list | None = None):
         """A function ``(values, t) -> [x_l]`` (``t`` an int or a scalar tensor): task t's

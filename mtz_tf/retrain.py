@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtz_tf import fitting, graph, zipped_network
+from mtz_tf import fitting, graph, tied_training, zipped_network
 from mtz_tf.report import LayerReport
 
 _LOG = logging.getLogger(__name__)
@@ -320,6 +320,26 @@ class _JointTrainer(keras.Model):
         }
 
 
+def _joint_batches(model: keras.Model, retrain: Retrain) -> tf.data.Dataset:
+    """The endless stream of joint batches ``({task: x}, {task: y})``: one batch of each
+    task's (repeated) training data per step, labels checked as they are read when the
+    default loss needs class indices."""
+    tasks = list(model.output)
+    joint = tf.data.Dataset.zip(
+        {
+            t: (
+                _checked_labels(retrain.train[t].repeat(), t, model.output[t].shape[-1])
+                if retrain.loss is None  # the default loss takes integer class labels
+                else retrain.train[t].repeat()
+            )
+            for t in tasks
+        }
+    )
+    return joint.map(
+        lambda batches: ({t: batches[t][0] for t in tasks}, {t: batches[t][1] for t in tasks})
+    )
+
+
 def retrain_jointly(
     model: keras.Model,
     plan,
@@ -327,13 +347,20 @@ def retrain_jointly(
     steps: int,
     start_step: int,
     layer: str = "",
+    session: dict | None = None,
 ) -> None:
     """Trains zipped ``model`` (built from ``plan``) in place for ``steps`` joint steps,
     starting at batch ``start_step``.
 
-    Each step feeds task t's batch through task t's path of the zipped model
-    (:class:`_JointTrainer`) and sums the per-task losses. Runs under
-    ``tf.distribute.get_strategy()`` (the model must have been built under it).
+    Each step feeds task t's batch through task t's path of the zipped model and sums the
+    per-task losses. With an element-wise optimizer on one replica the step runs on the
+    tasks' fixed-shape views with tied shared weights (:mod:`mtz_tf.tied_training`).
+    ``session``, a dict the caller keeps between the layers of one zip, then holds the
+    trainer and the batch stream, so a zip traces one step per distinct topology of its
+    task views and reads its batches once. Otherwise
+    (:func:`mtz_tf.tied_training.unsupported_reason`) it trains the zipped model itself
+    (:class:`_JointTrainer`), one trace per call, under ``tf.distribute.get_strategy()``
+    (the model must have been built under it).
 
     Raises:
         RetrainingDivergedError: the loss or a weight became NaN or infinite (training
@@ -346,29 +373,26 @@ def retrain_jointly(
     missing = sorted(set(tasks) - set(retrain.train))
     if missing:
         raise ValueError(f"`Retrain.train` has no dataset for task(s) {missing}.")
-    with tf.distribute.get_strategy().scope():
-        trainer = _JointTrainer(model, plan, name=f"{model.name}_joint_trainer")
-        losses = {t: retrain.loss or _default_loss(model, t) for t in tasks}
-        trainer.compile(optimizer=retrain.new_optimizer(), loss=losses)
-    joint = tf.data.Dataset.zip(
-        {
-            t: (
-                _checked_labels(retrain.train[t].repeat(), t, model.output[t].shape[-1])
-                if retrain.loss is None  # the default loss takes integer class labels
-                else retrain.train[t].repeat()
-            )
-            for t in tasks
-        }
-    )
-    joint = joint.map(
-        lambda batches: ({t: batches[t][0] for t in tasks}, {t: batches[t][1] for t in tasks})
-    )
-    joint = joint.skip(start_step).take(steps)
+    session = {} if session is None else session
+    losses = {t: retrain.loss or _default_loss(model, t) for t in tasks}
     watch = _FirstNonFiniteLoss()
+    callbacks = list(retrain.callbacks) + [watch]
+    optimizer = retrain.new_optimizer()
+    reason = tied_training.unsupported_reason(optimizer)
     try:
-        fitting.fit(
-            trainer, joint, callbacks=list(retrain.callbacks) + [watch], verbose=retrain.verbose
-        )
+        if reason is None:
+            trainer = _tied_trainer(model, optimizer, losses, session)
+            batches = _stream(model, retrain, start_step, session)
+            session["position"] = None  # unknown until the steps are done
+            trainer.fit(model, batches, steps, callbacks, retrain.verbose)
+            session["position"] = start_step + steps
+        else:
+            _LOG.debug("Retraining through the zipped model, traced per layer: %s.", reason)
+            with tf.distribute.get_strategy().scope():
+                trainer = _JointTrainer(model, plan, name=f"{model.name}_joint_trainer")
+                trainer.compile(optimizer=optimizer, loss=losses)
+            joint = _joint_batches(model, retrain).skip(start_step).take(steps)
+            fitting.fit(trainer, joint, callbacks=callbacks, verbose=retrain.verbose)
     except tf.errors.InvalidArgumentError as error:
         label_error = _label_error(error, model, tasks)
         if label_error is None:
@@ -390,6 +414,23 @@ def retrain_jointly(
             layer,
             step,
         )
+
+
+def _tied_trainer(model, optimizer, losses, session: dict) -> tied_training.TiedTrainer:
+    """``session``'s trainer when its task views fit ``model``, else a new one kept there."""
+    trainer = session.get("trainer")
+    if trainer is None or trainer.key != tied_training.topology_key(model):
+        trainer = tied_training.TiedTrainer(model, optimizer, losses)
+        session["trainer"] = trainer
+    return trainer
+
+
+def _stream(model, retrain: Retrain, start_step: int, session: dict):
+    """An iterator of joint batches from batch ``start_step``: ``session``'s, when the last
+    retraining stopped there, else a new one kept there."""
+    if session.get("position") != start_step:
+        session["batches"] = iter(_joint_batches(model, retrain).skip(start_step))
+    return session["batches"]
 
 
 def task_accuracies(model: keras.Model, evaluation: Mapping[str, tf.data.Dataset]) -> dict:
@@ -434,10 +475,12 @@ def after_layer(
     began: float,
     timings: dict,
     verbose: int,
+    session: dict | None = None,
 ):
     """What follows zipping hidden layer ``index``: accuracy before and after light
     retraining (when ``evaluation`` is given), ``retrain``'s steps for the layer (``states``
-    re-read from the retrained ``model``), the timings and a progress line.
+    re-read from the retrained ``model``; ``session`` as :func:`retrain_jointly`), the
+    timings and a progress line.
 
     Returns:
         ``(layer_report, next_step)``: the layer's :class:`~mtz_tf.report.LayerReport` and
@@ -455,7 +498,13 @@ def after_layer(
     steps = retrain.steps_for(index, count) if retrain is not None else 0
     if steps:
         retrain_jointly(
-            model, plan, retrain, steps, start_step=start_step, layer=plan.hidden_units[index].name
+            model,
+            plan,
+            retrain,
+            steps,
+            start_step=start_step,
+            layer=plan.hidden_units[index].name,
+            session=session,
         )
         states[:] = zipped_network.read_states(model, plan)
         if evaluation is not None:

@@ -214,10 +214,24 @@ def set_layer_weights(layer: _ZippedLayer, state: LayerState) -> None:
     else that writes the variables (retraining) is followed by new states read back from
     the model (:func:`read_states`).
     """
+    assigned = _assigned(layer)
+    for variable, value in _weight_pairs(layer, state):
+        if assigned.get(variable.path) is not value:
+            variable.assign(np.asarray(value, dtype=variable.dtype))
+            assigned[variable.path] = value
+
+
+def _assigned(layer: _ZippedLayer) -> dict:
+    """{variable path: the array it holds} of :func:`set_layer_weights`."""
     assigned = getattr(layer, "_mtz_assigned", None)
     if assigned is None:
         assigned = {}
         object.__setattr__(layer, "_mtz_assigned", assigned)  # not a tracked attribute
+    return assigned
+
+
+def _weight_pairs(layer: _ZippedLayer, state: LayerState) -> list:
+    """(variable, array) of every weight of a zipped layer and its :class:`LayerState`."""
     pairs = [(layer.shared_kernel, state.shared_kernel)]
     pairs += list(zip(layer.cross_kernels, state.cross_kernels))
     pairs += list(zip(layer.task_kernels, state.kernels))
@@ -226,15 +240,13 @@ def set_layer_weights(layer: _ZippedLayer, state: LayerState) -> None:
         pairs += list(zip(layer.task_biases, state.biases))
     for norm, values in zip(layer.norms, state.norms):
         pairs += list(zip((norm.gamma, norm.beta, norm.moving_mean, norm.moving_variance), values))
-    for variable, value in pairs:
-        if assigned.get(variable.path) is not value:
-            variable.assign(np.asarray(value, dtype=variable.dtype))
-            assigned[variable.path] = value
+    return pairs
 
 
 def read_layer_state(layer: _ZippedLayer, input_group: int = 1, kind=None) -> LayerState:
     """The :class:`LayerState` of a built zipped layer (float64 copies); ``kind`` is the
-    unit's (default: the layer's, e.g. ``"Conv2D"`` for a ``ZippedConv2D``)."""
+    unit's (default: the layer's, e.g. ``"Conv2D"`` for a ``ZippedConv2D``). The layer's
+    variables hold its arrays, so :func:`set_layer_weights` does not assign them again."""
 
     def arr(v):
         return np.array(v.numpy(), dtype=np.float64)
@@ -245,7 +257,7 @@ def read_layer_state(layer: _ZippedLayer, input_group: int = 1, kind=None) -> La
         if isinstance(layer, ZippedConv2D)
         else None
     )
-    return LayerState(
+    state = LayerState(
         name=layer.name,
         kind=kind or type(layer).__name__.removeprefix("Zipped"),
         conv=conv,
@@ -270,6 +282,10 @@ def read_layer_state(layer: _ZippedLayer, input_group: int = 1, kind=None) -> La
         ],
         sharing=list(layer.sharing),
     )
+    assigned = _assigned(layer)
+    for variable, value in _weight_pairs(layer, state):
+        assigned[variable.path] = value
+    return state
 
 
 def _after_conv(plan: graph.Plan, step: graph.PassThrough) -> bool:
@@ -600,12 +616,19 @@ def task_model(zipped: keras.Model, task: str) -> keras.Model:
     task's view of its weights (shared units first), every other layer a copy from its
     config. The result computes exactly ``zipped(x)[task]`` and nothing for the other tasks.
     """
+    return task_model_layers(zipped, task)[0]
+
+
+def task_model_layers(zipped: keras.Model, task: str) -> tuple:
+    """:func:`task_model` and {zipped layer name: the plain layers holding the task's view
+    of it (:meth:`~mtz_tf.layers._ZippedLayer.task_layers`, in call order)}."""
     tasks = list(zipped.output)
     if task not in tasks:
         raise ValueError(f"Unknown task {task!r}; the zipped model has {tasks}.")
     t = tasks.index(task)
     inputs = keras.Input(shape=zipped.input.shape[1:], name="input")
     rebuilt = {id(zipped.input): inputs}
+    views = {}
 
     def rebuild(tensor):
         """The task model's tensor for one of the zipped model's (memoised)."""
@@ -615,7 +638,8 @@ def task_model(zipped: keras.Model, task: str) -> keras.Model:
             if isinstance(layer, _ZippedLayer):
                 x = node.arguments.args[0]
                 x = rebuild(x[t] if isinstance(x, (list, tuple)) else x)
-                for plain in layer.task_layers(task):
+                views[layer.name] = layer.task_layers(task)
+                for plain in views[layer.name]:
                     x = plain(x)
             else:
                 args = keras.tree.map_structure(rebuild, node.arguments.args)
@@ -623,7 +647,8 @@ def task_model(zipped: keras.Model, task: str) -> keras.Model:
             rebuilt[id(tensor)] = x
         return rebuilt[id(tensor)]
 
-    return keras.Model(inputs, rebuild(zipped.output[task]), name=f"{zipped.name}_{task}")
+    outputs = rebuild(zipped.output[task])
+    return keras.Model(inputs, outputs, name=f"{zipped.name}_{task}"), views
 
 
 def multi_head_model(zipped: keras.Model) -> keras.Model:

@@ -73,6 +73,23 @@ def with_batch_norm_statistics(model, seed, gamma=(0.5, 1.5), variance=(0.5, 1.5
     return model
 
 
+def concatenating_model(seed: int) -> keras.Model:
+    """Concatenate of two convs, a standalone BatchNorm and a depthwise conv reading it."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((28, 28, 1))
+    a = keras.layers.Conv2D(4, 3, strides=2, activation="relu", name="a")(inputs)
+    b = keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="b")(a)
+    x = keras.layers.Concatenate(name="cat")([a, b])
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Activation("relu", name="bn_relu")(x)
+    x = keras.layers.DepthwiseConv2D(3, activation="relu", name="dw")(x)
+    x = keras.layers.Conv2D(5, 1, activation="relu", name="c")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return with_batch_norm_statistics(
+        keras.Model(inputs, keras.layers.Dense(10, name="fc")(x)), seed
+    )
+
+
 @pytest.fixture
 def progress_lines():
     """mtz_tf's messages captured as the plain lines ``mtz_tf.progress.show`` prints (a

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_close, with_batch_norm_statistics
+from conftest import assert_close, concatenating_model, with_batch_norm_statistics
 
 import mtz_tf
 from mtz_tf import data, frontier, graph, models, zipped_network
@@ -16,29 +16,12 @@ def images(fashion):
     return x, data.to_dataset(x, batch_size=40)  # a short last batch
 
 
-def _concatenating(seed: int) -> keras.Model:
-    """Concatenate of two convs, a standalone BatchNorm and a depthwise conv reading it."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((28, 28, 1))
-    a = keras.layers.Conv2D(4, 3, strides=2, activation="relu", name="a")(inputs)
-    b = keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="b")(a)
-    x = keras.layers.Concatenate(name="cat")([a, b])
-    x = keras.layers.BatchNormalization(name="bn")(x)
-    x = keras.layers.Activation("relu", name="bn_relu")(x)
-    x = keras.layers.DepthwiseConv2D(3, activation="relu", name="dw")(x)
-    x = keras.layers.Conv2D(5, 1, activation="relu", name="c")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    return with_batch_norm_statistics(
-        keras.Model(inputs, keras.layers.Dense(10, name="fc")(x)), seed
-    )
-
-
 CASES = {
     "resnet8 (BatchNorm, residual)": lambda s: with_batch_norm_statistics(
         models.resnet20((28, 28, 1), 5, 0.25, seed=s, blocks_per_stage=1), s
     ),
     "lenet5 (next-layer refit)": lambda s: models.lenet5(seed=s),
-    "concatenation and channel-wise units": _concatenating,
+    "concatenation and channel-wise units": concatenating_model,
 }
 
 
