@@ -8,7 +8,9 @@ Pair p of a set of converged same-task models (``experiments/train_inputs.py``, 
 import json
 import os
 
-from mtz_tf import data, io_utils, models
+import keras
+
+from mtz_tf import data, fitting, io_utils, models
 
 TASKS = ("model_a", "model_b")
 
@@ -41,3 +43,18 @@ def run(pairs: int, data_dir, pair_record, stem: str, table, extra=None) -> list
     io_utils.write_text(stem + ".md", table(records))
     print(table(records))
     return records
+
+
+def fine_tuned_alone(model: keras.Model, train, steps: int, optimizer) -> keras.Model:
+    """A copy of ``model`` trained alone on ``train`` for ``steps`` steps with
+    ``optimizer`` (the control of light retraining)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    copy.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=model.layers[-1].get_config().get("activation") != "softmax"
+        ),
+    )
+    fitting.fit(copy, train.repeat().take(steps))
+    return copy

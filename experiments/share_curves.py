@@ -31,7 +31,7 @@ import seed_pairs
 from absl import flags
 
 import mtz_tf
-from mtz_tf import cli, data, fitting, io_utils, retrain, training
+from mtz_tf import cli, data, io_utils, retrain, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("set", "lenet300", ["lenet300", "lenet5"], "The converged input models.")
@@ -53,18 +53,8 @@ LOSS_LIMIT = 0.5
 
 def _fine_tuned_alone(model: keras.Model, train, steps: int) -> keras.Model:
     """A copy of ``model`` trained alone for ``steps`` steps with its own optimizer, fresh."""
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    copy.compile(
-        optimizer=retrain.resolve_optimizer(mtz_tf.Retrain({}), {"the input model": model})[
-            0
-        ].new_optimizer(),
-        loss=keras.losses.SparseCategoricalCrossentropy(
-            from_logits=model.layers[-1].get_config().get("activation") != "softmax"
-        ),
-    )
-    fitting.fit(copy, train.repeat().take(steps))
-    return copy
+    optimizer = retrain.resolve_optimizer(mtz_tf.Retrain({}), {"the input model": model})[0]
+    return seed_pairs.fine_tuned_alone(model, train, steps, optimizer.new_optimizer())
 
 
 def _pair_record(pair: int, splits: dict) -> dict:

@@ -1,0 +1,146 @@
+"""Which learning rate light retraining should use, measured on validation.
+
+    python experiments/retrain_lr_sweep.py --set=lenet300 --pairs=3
+
+For each of ``--pairs`` pairs of converged same-task models from ``--model_dir`` (seeds
+2p+1, 2p+2, hidden units of each permuted; trained with Adam at 1e-3) and each learning rate
+of ``--learning_rates``, with a fresh Adam at that rate and ``--retrain_fraction`` of the
+pair's fewest from-scratch iterations as the step budget:
+
+* the control: each input model fine-tuned alone for the budget;
+* the zip: every hidden layer sharing ``--share`` of its neurons with the other defaults,
+  then the budget of joint steps after the whole zip.
+
+A drop is the mean over the two tasks of (original − accuracy), in points, on the validation
+split (this chooses a default: the test split is not read); the table gives mean ± std over
+the pairs and the zip before retraining. Writes results/retrain_lr_<set>.{json,md}.
+"""
+
+import quiet_startup  # noqa: F401 (first: quiets TensorFlow's native log)
+
+import os
+
+import keras
+import numpy as np
+import seed_pairs
+from absl import flags
+
+import mtz_tf
+from mtz_tf import cli, data, retrain, training
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("set", "lenet300", ["lenet300", "lenet5"], "The converged input models.")
+flags.DEFINE_integer("pairs", 3, "Seed pairs of input models.")
+flags.DEFINE_list("learning_rates", ["1e-3", "3e-4", "1e-4", "3e-5"], "Adam learning rates.")
+flags.DEFINE_float("share", 1.0, "Fraction of every hidden layer's neurons shared.")
+flags.DEFINE_float("retrain_fraction", 0.05, "Light retraining steps / from-scratch iterations.")
+flags.DEFINE_integer("batch_size", 128, "Retraining batch size per task.")
+flags.DEFINE_integer("calibration_size", 5000, "Calibration samples per task.")
+flags.DEFINE_string("results_dir", "results", "Where the JSON and Markdown go.")
+flags.DEFINE_string("data_dir", None, "Directory of Fashion-MNIST IDX files.")
+flags.DEFINE_string("model_dir", "pretrained", "The converged input models.")
+
+TASKS = seed_pairs.TASKS
+
+
+def _drop(original: dict, accuracy: dict) -> float:
+    return float(np.mean([100 * (original[t] - accuracy[t]) for t in TASKS]))
+
+
+def _pair_drops(pair: int, splits: dict) -> dict:
+    """{"steps", "zip before", "control": {lr: drop}, "zip after": {lr: drop}} of a pair."""
+    originals, trained = seed_pairs.load_pair(FLAGS.model_dir, FLAGS.set, pair)
+    steps = max(1, int(FLAGS.retrain_fraction * min(r["iterations"] for r in trained)))
+    subsets = [
+        data.calibration_subset(splits["train"][0], FLAGS.calibration_size, seed=i) for i in (0, 1)
+    ]
+    calibration = {t: data.to_dataset(s, batch_size=500) for t, s in zip(TASKS, subsets)}
+    validation = {t: data.to_dataset(*splits["validation"], batch_size=1000) for t in TASKS}
+    train = {
+        t: data.to_dataset(*splits["train"], batch_size=FLAGS.batch_size, shuffle=True, seed=i)
+        for i, t in enumerate(TASKS)
+    }
+    original = {t: training.dataset_accuracy(originals[t], validation[t]) for t in TASKS}
+    zipped, _ = mtz_tf.zip_models(originals, calibration, share=FLAGS.share, verbose=0)
+    record = {
+        "steps": steps,
+        "zip before": _drop(original, retrain.task_accuracies(zipped, validation)),
+        "control": {},
+        "zip after": {},
+    }
+    hidden = len(mtz_tf.graph.read_plan(originals[TASKS[0]]).hidden_units)
+    for rate in FLAGS.learning_rates:
+        alone = {
+            t: seed_pairs.fine_tuned_alone(
+                originals[t], train[t], steps, keras.optimizers.Adam(float(rate))
+            )
+            for t in TASKS
+        }
+        accuracy = {t: training.dataset_accuracy(alone[t], validation[t]) for t in TASKS}
+        record["control"][rate] = _drop(original, accuracy)
+        light = mtz_tf.Retrain(
+            train,
+            steps_per_layer=[0] * (hidden - 1) + [steps],
+            optimizer=keras.optimizers.Adam(float(rate)),
+            verbose=0,
+        )
+        zipped, _ = mtz_tf.zip_models(
+            originals, calibration, share=FLAGS.share, retrain=light, verbose=0
+        )
+        record["zip after"][rate] = _drop(original, retrain.task_accuracies(zipped, validation))
+        cli.logger.info(
+            "pair %d, learning rate %s: control drop %.2f, zip drop %.2f after %d steps",
+            pair,
+            rate,
+            record["control"][rate],
+            record["zip after"][rate],
+            steps,
+        )
+    return record
+
+
+def _cell(values: list) -> str:
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def _table(records: list) -> str:
+    name = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}[FLAGS.set]
+    command = (
+        f"python experiments/retrain_lr_sweep.py --set={FLAGS.set} --pairs={FLAGS.pairs} "
+        f"--learning_rates={','.join(FLAGS.learning_rates)} --share={FLAGS.share} "
+        f"--retrain_fraction={FLAGS.retrain_fraction}"
+    )
+    lines = [
+        f"# Light retraining learning rate: {name} same-task pairs, Fashion-MNIST",
+        "",
+        "Regenerate with:",
+        "",
+        f"```\n{command}\n```",
+        "",
+        f"{len(records)} seed pairs of converged {name} (`pretrained/`, trained with Adam at "
+        f"1e-3), hidden units permuted. Every hidden layer shares {FLAGS.share:g} of its "
+        f"neurons (other options default); {records[0]['steps']} steps of a fresh Adam "
+        "(the pair's from-scratch iterations × "
+        f"{FLAGS.retrain_fraction}) after the whole zip, and for the control on each model "
+        "alone. Validation drop against the originals (points), mean ± std over the pairs. "
+        "Before retraining the zip drops "
+        f"{_cell([r['zip before'] for r in records])}.",
+        "",
+        "| Adam learning rate | control (fine-tuned alone) | zip after retraining |",
+        "|---|---|---|",
+    ]
+    for rate in FLAGS.learning_rates:
+        control = [r["control"][rate] for r in records]
+        after = [r["zip after"][rate] for r in records]
+        lines.append(f"| {rate} | {_cell(control)} | {_cell(after)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    stem = os.path.join(FLAGS.results_dir, f"retrain_lr_{FLAGS.set}")
+    seed_pairs.run(FLAGS.pairs, FLAGS.data_dir, _pair_drops, stem, _table)
+
+
+if __name__ == "__main__":
+    cli.run(main)
