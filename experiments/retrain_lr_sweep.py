@@ -29,11 +29,17 @@ import mtz_tf
 from mtz_tf import cli, data, retrain, training
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("set", "lenet300", ["lenet300", "lenet5"], "The converged input models.")
+flags.DEFINE_enum(
+    "set",
+    "lenet300",
+    ["lenet300", "lenet5", "lenet300_split"],
+    "The converged input models (lenet300_split: one per half of the labels, different tasks).",
+)
 flags.DEFINE_integer("pairs", 3, "Seed pairs of input models.")
 flags.DEFINE_list("learning_rates", ["1e-3", "3e-4", "1e-4", "3e-5"], "Adam learning rates.")
 flags.DEFINE_float("share", 1.0, "Fraction of every hidden layer's neurons shared.")
 flags.DEFINE_float("retrain_fraction", 0.05, "Light retraining steps / from-scratch iterations.")
+flags.DEFINE_integer("steps", None, "Retraining steps (instead of --retrain_fraction).")
 flags.DEFINE_integer("batch_size", 128, "Retraining batch size per task.")
 flags.DEFINE_integer("calibration_size", 5000, "Calibration samples per task.")
 flags.DEFINE_string("results_dir", "results", "Where the JSON and Markdown go.")
@@ -50,14 +56,23 @@ def _drop(original: dict, accuracy: dict) -> float:
 def _pair_drops(pair: int, splits: dict) -> dict:
     """{"steps", "zip before", "control": {lr: drop}, "zip after": {lr: drop}} of a pair."""
     originals, trained = seed_pairs.load_pair(FLAGS.model_dir, FLAGS.set, pair)
-    steps = max(1, int(FLAGS.retrain_fraction * min(r["iterations"] for r in trained)))
-    subsets = [
-        data.calibration_subset(splits["train"][0], FLAGS.calibration_size, seed=i) for i in (0, 1)
-    ]
-    calibration = {t: data.to_dataset(s, batch_size=500) for t, s in zip(TASKS, subsets)}
-    validation = {t: data.to_dataset(*splits["validation"], batch_size=1000) for t in TASKS}
+    steps = FLAGS.steps or max(
+        1, int(FLAGS.retrain_fraction * min(r["iterations"] for r in trained))
+    )
+    own = {
+        t: splits if c is None else data.load_task("fashion_mnist", c, data_dir=FLAGS.data_dir)
+        for t, c in seed_pairs.task_classes(FLAGS.set).items()
+    }
+    calibration = {
+        t: data.to_dataset(
+            data.calibration_subset(own[t]["train"][0], FLAGS.calibration_size, seed=i),
+            batch_size=500,
+        )
+        for i, t in enumerate(TASKS)
+    }
+    validation = {t: data.to_dataset(*own[t]["validation"], batch_size=1000) for t in TASKS}
     train = {
-        t: data.to_dataset(*splits["train"], batch_size=FLAGS.batch_size, shuffle=True, seed=i)
+        t: data.to_dataset(*own[t]["train"], batch_size=FLAGS.batch_size, shuffle=True, seed=i)
         for i, t in enumerate(TASKS)
     }
     original = {t: training.dataset_accuracy(originals[t], validation[t]) for t in TASKS}
@@ -99,29 +114,40 @@ def _pair_drops(pair: int, splits: dict) -> dict:
     return record
 
 
+def _steps(records: list) -> str:
+    if FLAGS.steps:
+        return f"{FLAGS.steps:,}"
+    counts = "/".join(str(r["steps"]) for r in records)
+    return f"{counts} (the pair's from-scratch iterations × {FLAGS.retrain_fraction})"
+
+
 def _cell(values: list) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
 def _table(records: list) -> str:
-    name = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}[FLAGS.set]
+    name = {
+        "lenet300": "LeNet-300-100 same-task pairs",
+        "lenet5": "LeNet-5 same-task pairs",
+        "lenet300_split": "LeNet-300-100 different-task pairs (labels 0-4 and 5-9)",
+    }[FLAGS.set]
     command = (
         f"python experiments/retrain_lr_sweep.py --set={FLAGS.set} --pairs={FLAGS.pairs} "
         f"--learning_rates={','.join(FLAGS.learning_rates)} --share={FLAGS.share} "
         f"--retrain_fraction={FLAGS.retrain_fraction}"
+        + (f" --steps={FLAGS.steps}" if FLAGS.steps else "")
     )
     lines = [
-        f"# Light retraining learning rate: {name} same-task pairs, Fashion-MNIST",
+        f"# Light retraining learning rate: {name}, Fashion-MNIST",
         "",
         "Regenerate with:",
         "",
         f"```\n{command}\n```",
         "",
-        f"{len(records)} seed pairs of converged {name} (`pretrained/`, trained with Adam at "
-        f"1e-3), hidden units permuted. Every hidden layer shares {FLAGS.share:g} of its "
-        f"neurons (other options default); {records[0]['steps']} steps of a fresh Adam "
-        "(the pair's from-scratch iterations × "
-        f"{FLAGS.retrain_fraction}) after the whole zip, and for the control on each model "
+        f"{len(records)} seed pairs of converged models (`pretrained/`, trained with Adam at "
+        f"1e-3), hidden units permuted. Every hidden layer shares {FLAGS.share:.0%} of its "
+        f"neurons (other options default); {_steps(records)} steps of a fresh Adam "
+        "after the whole zip, and for the control on each model "
         "alone. Validation drop against the originals (points), mean ± std over the pairs. "
         "Before retraining the zip drops "
         f"{_cell([r['zip before'] for r in records])}.",

@@ -9,18 +9,36 @@ import json
 import os
 
 import keras
+import residual_experiments as rx
 
 from mtz_tf import data, fitting, io_utils, models
 
 TASKS = ("model_a", "model_b")
 
 
+SPLIT_SETS = {"lenet300_split": "lenet300"}
+"""Different-task sets: {set: model stem}; task i of a pair learns label group i of
+``residual_experiments.SPLIT_GROUPS`` (``train_inputs.py``)."""
+
+
+def task_classes(set_name: str) -> dict:
+    """{task: its label classes} of a pair of ``set_name`` (None: all ten)."""
+    if set_name in SPLIT_SETS:
+        return dict(zip(TASKS, rx.SPLIT_GROUPS))
+    return dict.fromkeys(TASKS)
+
+
 def load_pair(model_dir: str, set_name: str, pair: int) -> tuple[dict, list]:
     """``({task: permuted input model}, [each model's training record])`` of pair ``pair``."""
     originals, records = {}, []
+    classes = task_classes(set_name)
     for offset, task in enumerate(TASKS, start=1):
         seed = 2 * pair + offset
-        stem = os.path.join(model_dir, f"{set_name}_seed{seed}")
+        if set_name in SPLIT_SETS:
+            name = f"{SPLIT_SETS[set_name]}_{rx.group_name(classes[task])}_seed{seed}"
+        else:
+            name = f"{set_name}_seed{seed}"
+        stem = os.path.join(model_dir, name)
         originals[task] = models.permute_hidden(io_utils.load_model(stem + ".keras"), 100 + seed)
         with open(stem + ".json") as f:
             records.append(json.load(f))

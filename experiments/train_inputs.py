@@ -6,6 +6,9 @@ Sets (each model selected on its validation split by early stopping, Adam 1e-3):
 
 * ``lenet300``, ``lenet5``: ``--pairs`` same-task pairs on all of Fashion-MNIST, seeds
   (2p+1, 2p+2) for pair p, saved as ``<name>_seed<seed>.keras``;
+* ``lenet300_split``: ``--pairs`` pairs of LeNet-300-100, one per half of the labels (0-4,
+  5-9), seeds (2p+1, 2p+2), saved as ``lenet300_<classes>_seed<seed>.keras`` (different
+  tasks);
 * ``resnet20_split``: ``--pairs`` pairs of ResNet-20 (width x1), one per half of the labels
   (0-4, 5-9), seeds (2p+1, 2p+2), saved as ``resnet20_w1_<classes>_seed<seed>.keras``;
 * ``resnet20_three``: one ResNet-20 (width x1) per label group (0-2, 3-5, 6-9), seeds 1-3.
@@ -24,7 +27,6 @@ import quiet_startup  # noqa: F401 (first: quiets TensorFlow's native log)
 
 import functools
 import os
-import sys
 import time
 
 import residual_experiments as rx
@@ -33,7 +35,7 @@ from absl import app, flags
 from mtz_tf import cli, data, io_utils, models, training
 
 FLAGS = flags.FLAGS
-SETS = ("lenet300", "lenet5", "resnet20_split", "resnet20_three")
+SETS = ("lenet300", "lenet5", "lenet300_split", "resnet20_split", "resnet20_three")
 flags.DEFINE_list("sets", list(SETS), f"Which model sets to train, from {SETS}.")
 flags.DEFINE_integer("pairs", 3, "Seed pairs of the two-model sets.")
 flags.DEFINE_string("out_dir", "pretrained", "Where the models, records and index go.")
@@ -50,13 +52,22 @@ def _specs(name: str):
         for seed in range(1, 2 * FLAGS.pairs + 1):
             yield f"{name}_seed{seed}", lambda s, b=build: b(seed=s), None, seed
         return
-    if name == "resnet20_split":
+    if name in ("lenet300_split", "resnet20_split"):
         groups = [g for _ in range(FLAGS.pairs) for g in rx.SPLIT_GROUPS]
     else:
         groups = list(rx.THREE_GROUPS)
     for seed, classes in enumerate(groups, start=1):
-        stem = f"resnet20_w1_{rx.group_name(classes)}_seed{seed}"
-        yield stem, functools.partial(_resnet20, len(classes)), classes, seed
+        if name == "lenet300_split":
+            stem = f"lenet300_{rx.group_name(classes)}_seed{seed}"
+            build = functools.partial(_lenet300, len(classes))
+        else:
+            stem = f"resnet20_w1_{rx.group_name(classes)}_seed{seed}"
+            build = functools.partial(_resnet20, len(classes))
+        yield stem, build, classes, seed
+
+
+def _lenet300(num_classes: int, seed: int):
+    return models.lenet_300_100(num_classes=num_classes, seed=seed)
 
 
 def _resnet20(num_classes: int, seed: int):
@@ -137,7 +148,7 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"--sets: unknown {unknown}; choose from {SETS}.")
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    command = "python experiments/train_inputs.py " + " ".join(sys.argv[1:])
+    command = "python experiments/train_inputs.py --sets=" + ",".join(SETS)
     for name in FLAGS.sets:
         for spec in _specs(name):
             _train_one(*spec)
