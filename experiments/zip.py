@@ -67,7 +67,8 @@ flags.DEFINE_enum(
     "default",
     ["default", "adam", "sgd"],
     "Retraining optimizer. default: a fresh copy of the input models' compiled optimizer at "
-    "its compiled learning rate, else Adam at 1e-3 (the report records which).",
+    "a tenth of its compiled learning rate (light retraining), else Adam at 1e-4 (the report "
+    "records which).",
 )
 flags.DEFINE_float("learning_rate", None, "Learning rate of --optimizer=adam|sgd (default 1e-3).")
 flags.DEFINE_enum("eval_split", "test", ["validation", "test"], "Split for reported accuracy.")
@@ -90,7 +91,7 @@ def optimizer():
         if FLAGS.learning_rate is not None:
             raise app.UsageError(
                 "--learning_rate applies to --optimizer=adam or sgd; the default optimizer "
-                "keeps the input models' compiled learning rate."
+                "takes a tenth of the input models' compiled learning rate."
             )
         return None
     rate = 1e-3 if FLAGS.learning_rate is None else FLAGS.learning_rate

@@ -177,8 +177,10 @@ def test_report_is_json_and_inputs_are_not_mutated(lenet_a, lenet_b, calibration
     assert mtz_tf.ZipReport.from_dict(decoded).to_dict() == decoded
     # The fixtures are compiled with Adam at 1e-3 (training.compile_classifier).
     assert decoded["retrain_optimizer"]["class_name"] == "Adam"
-    assert decoded["retrain_optimizer"]["source"] == "task 'a''s input model"
-    assert "Retraining optimizer: Adam, learning rate 0.001" in report.table()
+    assert decoded["retrain_optimizer"]["source"] == (
+        "task 'a''s input model (its learning rate × 0.1)"
+    )
+    assert "Retraining optimizer: Adam, learning rate 0.0001" in report.table()
     expected_a = np.mean(np.argmax(lenet_a.predict(x_test, verbose=0), -1) == y_test)
     assert decoded["accuracy_original"]["a"] == pytest.approx(expected_a)
     assert set(decoded["layers"][0]["accuracy_after_retraining"]) == {"a", "b"}
@@ -334,6 +336,8 @@ def _classifier(optimizer=None):
 
 
 def test_default_retraining_optimizer_is_the_input_models_own(caplog):
+    """The input models' optimizer, fresh, at a tenth of its compiled learning rate (light
+    retraining); a schedule as compiled; Adam at 1e-4 for uncompiled models."""
     stream = {"a": data.to_dataset(np.zeros((4, 4)), np.zeros(4, "int64"))}
     retrain = mtz_tf.Retrain(stream, 1, verbose=0)
     own = keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
@@ -342,14 +346,24 @@ def test_default_retraining_optimizer_is_the_input_models_own(caplog):
     assert retrain.optimizer is None  # the user's settings are not changed
     fresh = resolved.new_optimizer()
     assert isinstance(fresh, keras.optimizers.SGD) and fresh is not own
-    assert float(fresh.learning_rate) == pytest.approx(0.05)
-    assert record["class_name"] == "SGD" and record["source"] == "task 'a'"
+    assert float(fresh.learning_rate) == pytest.approx(0.005)
+    assert float(own.learning_rate) == pytest.approx(0.05)
+    assert record["class_name"] == "SGD"
+    assert record["source"] == "task 'a' (its learning rate × 0.1)"
     assert record["config"]["momentum"] == pytest.approx(0.9)
+    assert record["config"]["learning_rate"] == pytest.approx(0.005)
     assert json.loads(json.dumps(record)) == record
-    # Uncompiled models: Adam at 1e-3.
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.05, 100, 0.5)
+    scheduled, record = resolve_optimizer(
+        retrain, {"task 'a'": _classifier(keras.optimizers.SGD(schedule))}
+    )
+    assert record["source"] == "task 'a'"
+    rate = scheduled.new_optimizer().learning_rate  # at iteration 0, the schedule's start
+    assert float(rate) == pytest.approx(0.05)
+    # Uncompiled models: Adam at 1e-4.
     _, record = resolve_optimizer(retrain, {"task 'a'": _classifier()})
     assert (record["class_name"], record["source"]) == ("Adam", "default")
-    assert record["config"]["learning_rate"] == pytest.approx(1e-3)
+    assert record["config"]["learning_rate"] == pytest.approx(1e-4)
     # The user's choice wins.
     chosen = mtz_tf.Retrain(stream, 1, optimizer=keras.optimizers.RMSprop(2e-4), verbose=0)
     _, record = resolve_optimizer(chosen, {"task 'a'": model})
@@ -359,7 +373,7 @@ def test_default_retraining_optimizer_is_the_input_models_own(caplog):
     with caplog.at_level("WARNING"):
         resolved, record = resolve_optimizer(retrain, {"task 'a'": other, "task 'b'": model})
     assert isinstance(resolved.new_optimizer(), keras.optimizers.Adam)
-    assert record["config"]["learning_rate"] == pytest.approx(3e-4)
+    assert record["config"]["learning_rate"] == pytest.approx(3e-5)
     assert "differ" in record["source"] and "task 'b'" in record["source"]
     assert "different optimizers" in caplog.text
 
