@@ -23,7 +23,13 @@ import mtz_tf
 from mtz_tf import cli, data, retrain, training
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("set", "lenet300", ["lenet300", "lenet5"], "The converged input models.")
+flags.DEFINE_enum(
+    "set",
+    "lenet300",
+    ["lenet300", "lenet5", "lenet300_split", "resnet20_split"],
+    "The converged input models (*_split: one per half of the labels, different tasks).",
+)
+flags.DEFINE_float("share", 1.0, "Fraction of every hidden layer's neurons shared.")
 flags.DEFINE_integer("pairs", 3, "Seed pairs of input models.")
 flags.DEFINE_list("calibration_sizes", ["500", "5000"], "Calibration samples per task.")
 flags.DEFINE_list("dampings", ["1e-6", "1e-4", "1e-3", "1e-2", "1e-1", "1"], "Relative δ.")
@@ -37,16 +43,21 @@ TASKS = seed_pairs.TASKS
 def _pair_drops(pair: int, splits: dict) -> dict:
     """{calibration size: {damping: validation drop (points)}} of one seed pair."""
     originals, _ = seed_pairs.load_pair(FLAGS.model_dir, FLAGS.set, pair)
-    validation = {t: data.to_dataset(*splits["validation"], batch_size=1000) for t in TASKS}
+    own = seed_pairs.task_splits(FLAGS.set, splits, FLAGS.data_dir)
+    validation = {t: data.to_dataset(*own[t]["validation"], batch_size=1000) for t in TASKS}
     original = {t: training.dataset_accuracy(originals[t], validation[t]) for t in TASKS}
     drops = {}
     for size in FLAGS.calibration_sizes:
-        subsets = [data.calibration_subset(splits["train"][0], int(size), seed=i) for i in (0, 1)]
-        calibration = {t: data.to_dataset(s, batch_size=500) for t, s in zip(TASKS, subsets)}
+        calibration = {
+            t: data.to_dataset(
+                data.calibration_subset(own[t]["train"][0], int(size), seed=i), batch_size=500
+            )
+            for i, t in enumerate(TASKS)
+        }
         drops[size] = {}
         for damping in FLAGS.dampings:
             zipped, _ = mtz_tf.zip_models(
-                originals, calibration, share=1.0, damping=float(damping), verbose=0
+                originals, calibration, share=FLAGS.share, damping=float(damping), verbose=0
             )
             accuracy = retrain.task_accuracies(zipped, validation)
             drops[size][damping] = float(
@@ -67,16 +78,20 @@ def _table(records: list) -> str:
         f"python experiments/damping_sweep.py --set={FLAGS.set} --pairs={FLAGS.pairs} "
         f"--calibration_sizes={','.join(FLAGS.calibration_sizes)} "
         f"--dampings={','.join(FLAGS.dampings)}"
+        + (f" --share={FLAGS.share}" if FLAGS.share != 1.0 else "")
     )
+    kind = "different-task" if FLAGS.set in seed_pairs.SPLIT_SETS else "same-task"
     lines = [
-        f"# Hessian damping and calibration size: {FLAGS.set} same-task pairs, full share",
+        f"# Hessian damping and calibration size: {FLAGS.set} {kind} pairs, "
+        f"{FLAGS.share:.0%} shared",
         "",
         "Regenerate with:",
         "",
         f"```\n{command}\n```",
         "",
         f"{len(records)} seed pairs of converged models (`pretrained/`), hidden units permuted, "
-        "zipped at full share with the defaults but the damping, no retraining. Validation "
+        f"every hidden layer sharing {FLAGS.share:.0%} of its neurons, zipped with the "
+        "defaults but the damping, no retraining. Validation "
         "drop in points (mean over the two tasks of original − zipped accuracy), mean ± std "
         "over the pairs.",
         "",

@@ -59,10 +59,7 @@ def _pair_drops(pair: int, splits: dict) -> dict:
     steps = FLAGS.steps or max(
         1, int(FLAGS.retrain_fraction * min(r["iterations"] for r in trained))
     )
-    own = {
-        t: splits if c is None else data.load_task("fashion_mnist", c, data_dir=FLAGS.data_dir)
-        for t, c in seed_pairs.task_classes(FLAGS.set).items()
-    }
+    own = seed_pairs.task_splits(FLAGS.set, splits, FLAGS.data_dir)
     calibration = {
         t: data.to_dataset(
             data.calibration_subset(own[t]["train"][0], FLAGS.calibration_size, seed=i),

@@ -16,7 +16,7 @@ from mtz_tf import data, fitting, io_utils, models
 TASKS = ("model_a", "model_b")
 
 
-SPLIT_SETS = {"lenet300_split": "lenet300"}
+SPLIT_SETS = {"lenet300_split": "lenet300", "resnet20_split": "resnet20_w1"}
 """Different-task sets: {set: model stem}; task i of a pair learns label group i of
 ``residual_experiments.SPLIT_GROUPS`` (``train_inputs.py``)."""
 
@@ -26,6 +26,15 @@ def task_classes(set_name: str) -> dict:
     if set_name in SPLIT_SETS:
         return dict(zip(TASKS, rx.SPLIT_GROUPS))
     return dict.fromkeys(TASKS)
+
+
+def task_splits(set_name: str, splits: dict, data_dir) -> dict:
+    """{task: its Fashion-MNIST splits}: ``splits`` (all ten labels) for a same-task set,
+    each task's label group (relabelled 0..C-1) for a different-task one."""
+    return {
+        task: splits if classes is None else data.load_task("fashion_mnist", classes, data_dir)
+        for task, classes in task_classes(set_name).items()
+    }
 
 
 def load_pair(model_dir: str, set_name: str, pair: int) -> tuple[dict, list]:
