@@ -13,8 +13,6 @@ pairs. Validation only: this chooses a default. Writes results/damping_<set>.{js
 
 import quiet_startup  # noqa: F401 (first: quiets TensorFlow's native log)
 
-import os
-
 import numpy as np
 import seed_pairs
 from absl import flags
@@ -30,12 +28,9 @@ flags.DEFINE_enum(
     "The converged input models (*_split: one per half of the labels, different tasks).",
 )
 flags.DEFINE_float("share", 1.0, "Fraction of every hidden layer's neurons shared.")
-flags.DEFINE_integer("pairs", 3, "Seed pairs of input models.")
 flags.DEFINE_list("calibration_sizes", ["500", "5000"], "Calibration samples per task.")
 flags.DEFINE_list("dampings", ["1e-6", "1e-4", "1e-3", "1e-2", "1e-1", "1"], "Relative δ.")
-flags.DEFINE_string("results_dir", "results", "Where the JSON and Markdown tables go.")
-flags.DEFINE_string("data_dir", None, "Directory of Fashion-MNIST IDX files.")
-flags.DEFINE_string("model_dir", "pretrained", "The converged input models.")
+seed_pairs.define_flags(calibration_size=False)
 
 TASKS = seed_pairs.TASKS
 
@@ -99,18 +94,14 @@ def _table(records: list) -> str:
         "|---|" + "---|" * len(FLAGS.dampings),
     ]
     for size in FLAGS.calibration_sizes:
-        cells = []
-        for damping in FLAGS.dampings:
-            values = [r[size][damping] for r in records]
-            cells.append(f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}")
+        cells = [seed_pairs.mean_std([r[size][d] for r in records]) for d in FLAGS.dampings]
         lines.append(f"| {size} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv):
     del argv
-    stem = os.path.join(FLAGS.results_dir, f"damping_{FLAGS.set}")
-    seed_pairs.run(FLAGS.pairs, FLAGS.data_dir, _pair_drops, stem, _table)
+    seed_pairs.run_set("damping", _pair_drops, _table)
 
 
 if __name__ == "__main__":

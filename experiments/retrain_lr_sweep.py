@@ -18,8 +18,6 @@ the pairs and the zip before retraining. Writes results/retrain_lr_<set>.{json,m
 
 import quiet_startup  # noqa: F401 (first: quiets TensorFlow's native log)
 
-import os
-
 import keras
 import numpy as np
 import seed_pairs
@@ -35,16 +33,10 @@ flags.DEFINE_enum(
     ["lenet300", "lenet5", "lenet300_split"],
     "The converged input models (lenet300_split: one per half of the labels, different tasks).",
 )
-flags.DEFINE_integer("pairs", 3, "Seed pairs of input models.")
 flags.DEFINE_list("learning_rates", ["1e-3", "3e-4", "1e-4", "3e-5"], "Adam learning rates.")
 flags.DEFINE_float("share", 1.0, "Fraction of every hidden layer's neurons shared.")
-flags.DEFINE_float("retrain_fraction", 0.05, "Light retraining steps / from-scratch iterations.")
 flags.DEFINE_integer("steps", None, "Retraining steps (instead of --retrain_fraction).")
-flags.DEFINE_integer("batch_size", 128, "Retraining batch size per task.")
-flags.DEFINE_integer("calibration_size", 5000, "Calibration samples per task.")
-flags.DEFINE_string("results_dir", "results", "Where the JSON and Markdown go.")
-flags.DEFINE_string("data_dir", None, "Directory of Fashion-MNIST IDX files.")
-flags.DEFINE_string("model_dir", "pretrained", "The converged input models.")
+seed_pairs.define_flags(retraining=True)
 
 TASKS = seed_pairs.TASKS
 
@@ -118,10 +110,6 @@ def _steps(records: list) -> str:
     return f"{counts} (the pair's from-scratch iterations × {FLAGS.retrain_fraction})"
 
 
-def _cell(values: list) -> str:
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
-
-
 def _table(records: list) -> str:
     name = {
         "lenet300": "LeNet-300-100 same-task pairs",
@@ -147,22 +135,22 @@ def _table(records: list) -> str:
         "after the whole zip, and for the control on each model "
         "alone. Validation drop against the originals (points), mean ± std over the pairs. "
         "Before retraining the zip drops "
-        f"{_cell([r['zip before'] for r in records])}.",
+        f"{seed_pairs.mean_std([r['zip before'] for r in records])}.",
         "",
         "| Adam learning rate | control (fine-tuned alone) | zip after retraining |",
         "|---|---|---|",
     ]
-    for rate in FLAGS.learning_rates:
-        control = [r["control"][rate] for r in records]
-        after = [r["zip after"][rate] for r in records]
-        lines.append(f"| {rate} | {_cell(control)} | {_cell(after)} |")
+    lines += [
+        f"| {rate} | {seed_pairs.mean_std([r['control'][rate] for r in records])} | "
+        f"{seed_pairs.mean_std([r['zip after'][rate] for r in records])} |"
+        for rate in FLAGS.learning_rates
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv):
     del argv
-    stem = os.path.join(FLAGS.results_dir, f"retrain_lr_{FLAGS.set}")
-    seed_pairs.run(FLAGS.pairs, FLAGS.data_dir, _pair_drops, stem, _table)
+    seed_pairs.run_set("retrain_lr", _pair_drops, _table)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,7 @@ import mtz_tf
 from mtz_tf import cli, data, retrain, training
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("pairs", 3, "Seed pairs of input models.")
-flags.DEFINE_string("results_dir", "results", "Where the JSON and Markdown tables go.")
-flags.DEFINE_string("data_dir", None, "Directory of Fashion-MNIST IDX files.")
-flags.DEFINE_string("model_dir", "pretrained", "The converged input models.")
-flags.DEFINE_integer("calibration_size", 5000, "Calibration samples per task.")
+seed_pairs.define_flags()
 
 TASKS = seed_pairs.TASKS
 SPLITS = ("validation", "test")

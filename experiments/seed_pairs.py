@@ -9,11 +9,30 @@ import json
 import os
 
 import keras
+import numpy as np
 import residual_experiments as rx
+from absl import flags
 
 from mtz_tf import data, fitting, io_utils, models
 
 TASKS = ("model_a", "model_b")
+
+
+def define_flags(calibration_size: bool = True, retraining: bool = False) -> None:
+    """Defines the flags of every seed-pair binary: --pairs, --results_dir, --data_dir,
+    --model_dir, with ``calibration_size`` --calibration_size, with ``retraining``
+    --retrain_fraction and --batch_size."""
+    flags.DEFINE_integer("pairs", 3, "Seed pairs of input models.")
+    flags.DEFINE_string("results_dir", "results", "Where the tables (JSON, Markdown, PNG) go.")
+    flags.DEFINE_string("data_dir", None, "Directory of Fashion-MNIST IDX files.")
+    flags.DEFINE_string("model_dir", "pretrained", "The converged input models.")
+    if calibration_size:
+        flags.DEFINE_integer("calibration_size", 5000, "Calibration samples per task.")
+    if retraining:
+        flags.DEFINE_float(
+            "retrain_fraction", 0.05, "Light retraining steps / from-scratch iterations."
+        )
+        flags.DEFINE_integer("batch_size", 128, "Retraining batch size per task.")
 
 
 SPLIT_SETS = {"lenet300_split": "lenet300", "resnet20_split": "resnet20_w1"}
@@ -72,6 +91,14 @@ def run(pairs: int, data_dir, pair_record, stem: str, table, extra=None) -> list
     return records
 
 
+def run_set(prefix: str, pair_record, table) -> list:
+    """:func:`run` for the binary's flags: ``--pairs`` pairs of ``--set``, the tables at
+    ``<--results_dir>/<prefix>_<--set>``."""
+    options = flags.FLAGS
+    stem = os.path.join(options.results_dir, f"{prefix}_{options.set}")
+    return run(options.pairs, options.data_dir, pair_record, stem, table)
+
+
 def fine_tuned_alone(model: keras.Model, train, steps: int, optimizer) -> keras.Model:
     """A copy of ``model`` trained alone on ``train`` for ``steps`` steps with
     ``optimizer`` (the control of light retraining)."""
@@ -85,3 +112,8 @@ def fine_tuned_alone(model: keras.Model, train, steps: int, optimizer) -> keras.
     )
     fitting.fit(copy, train.repeat().take(steps))
     return copy
+
+
+def mean_std(values) -> str:
+    """``values``' mean ± sample standard deviation, two decimals (a table cell)."""
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"

@@ -36,14 +36,8 @@ from mtz_tf import cli, data, io_utils, retrain, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("set", "lenet300", ["lenet300", "lenet5"], "The converged input models.")
-flags.DEFINE_integer("pairs", 3, "Seed pairs of input models.")
 flags.DEFINE_list("shares", ["0", "0.25", "0.5", "0.75", "1"], "Fractions of every hidden layer.")
-flags.DEFINE_float("retrain_fraction", 0.05, "Light retraining steps / from-scratch iterations.")
-flags.DEFINE_integer("batch_size", 128, "Retraining batch size per task.")
-flags.DEFINE_integer("calibration_size", 5000, "Calibration samples per task.")
-flags.DEFINE_string("results_dir", "results", "Where the JSON, Markdown and PNG go.")
-flags.DEFINE_string("data_dir", None, "Directory of Fashion-MNIST IDX files.")
-flags.DEFINE_string("model_dir", "pretrained", "The converged input models.")
+seed_pairs.define_flags(retraining=True)
 
 TASKS = seed_pairs.TASKS
 SPLITS = ("validation", "test")
