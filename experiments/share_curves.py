@@ -4,7 +4,8 @@ retraining.
     python experiments/share_curves.py --set=lenet300 --pairs=3
     python experiments/share_curves.py --set=lenet5 --pairs=3
 
-For each of ``--pairs`` pairs of converged same-task models from ``--model_dir``
+For each of ``--pairs`` pairs of converged models from ``--model_dir`` (same-task, or with
+``--set=resnet20_split`` one ResNet-20 per half of the labels, each task on its own data)
 (``experiments/train_inputs.py``; seeds 2p+1, 2p+2, hidden units of each permuted), every
 hidden layer shares the fraction s of its neurons, for each s of ``--shares``, zipped with the
 defaults and with ``repair="none"``:
@@ -35,7 +36,12 @@ import mtz_tf
 from mtz_tf import cli, data, io_utils, retrain, training
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("set", "lenet300", ["lenet300", "lenet5"], "The converged input models.")
+NAMES = {
+    "lenet300": "LeNet-300-100 same-task pairs",
+    "lenet5": "LeNet-5 same-task pairs",
+    "resnet20_split": "ResNet-20 different-task pairs (labels 0-4 and 5-9)",
+}
+flags.DEFINE_enum("set", "lenet300", list(NAMES), "The converged input models.")
 flags.DEFINE_list("shares", ["0", "0.25", "0.5", "0.75", "1"], "Fractions of every hidden layer.")
 seed_pairs.define_flags(retraining=True)
 
@@ -56,12 +62,17 @@ def _fine_tuned_alone(model: keras.Model, train, steps: int) -> keras.Model:
 def _pair_record(pair: int, splits: dict) -> dict:
     originals, trained = seed_pairs.load_pair(FLAGS.model_dir, FLAGS.set, pair)
     steps = max(1, int(FLAGS.retrain_fraction * min(r["iterations"] for r in trained)))
-    x = splits["train"][0]
-    subsets = [data.calibration_subset(x, FLAGS.calibration_size, seed=i) for i in range(2)]
-    calibration = {t: data.to_dataset(s, batch_size=500) for t, s in zip(TASKS, subsets)}
-    sets = {s: {t: data.to_dataset(*splits[s], batch_size=1000) for t in TASKS} for s in SPLITS}
+    own = seed_pairs.task_splits(FLAGS.set, splits, FLAGS.data_dir)
+    calibration = {
+        t: data.to_dataset(
+            data.calibration_subset(own[t]["train"][0], FLAGS.calibration_size, seed=i),
+            batch_size=500,
+        )
+        for i, t in enumerate(TASKS)
+    }
+    sets = {s: {t: data.to_dataset(*own[t][s], batch_size=1000) for t in TASKS} for s in SPLITS}
     train = {
-        t: data.to_dataset(*splits["train"], batch_size=FLAGS.batch_size, shuffle=True, seed=i)
+        t: data.to_dataset(*own[t]["train"], batch_size=FLAGS.batch_size, shuffle=True, seed=i)
         for i, t in enumerate(TASKS)
     }
     record = {
@@ -137,24 +148,25 @@ def _command() -> str:
     return (
         f"python experiments/share_curves.py --set={FLAGS.set} --pairs={FLAGS.pairs} "
         f"--shares={','.join(FLAGS.shares)} --retrain_fraction={FLAGS.retrain_fraction}"
+        + f" --calibration_size={FLAGS.calibration_size}"
     )
 
 
 def _table(records: list) -> str:
-    name = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}[FLAGS.set]
+    name = NAMES[FLAGS.set]
     alone = [
         float(np.mean([100 * (r["original"][s][t] - r["fine-tuned alone"][s][t]) for t in TASKS]))
         for r in records
         for s in ("validation",)
     ]
     lines = [
-        f"# Accuracy against shared parameters: {name} same-task pairs, Fashion-MNIST",
+        f"# Accuracy against shared parameters: {name}, Fashion-MNIST",
         "",
         "Regenerate with:",
         "",
         f"```\n{_command()}\n```",
         "",
-        f"{len(records)} seed pairs of converged {name} (`pretrained/`), hidden units permuted; "
+        f"{len(records)} {name} (converged, `pretrained/`), hidden units permuted; "
         "every hidden layer shares the same fraction of its neurons. Drop: mean over the two "
         "tasks of reference − zipped accuracy (points), mean ± std over the pairs; reference: "
         "the originals before retraining, each model fine-tuned alone for the same steps after "
