@@ -7,6 +7,7 @@ Pair p of a set of converged same-task models (``experiments/train_inputs.py``, 
 
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -73,10 +74,28 @@ def load_pair(model_dir: str, set_name: str, pair: int) -> tuple[dict, list]:
     return originals, records
 
 
+def _settings(record) -> str | None:
+    """A run's ``"command"`` without its ``--pairs``: what makes two runs' pairs alike."""
+    command = (record or {}).get("command")
+    return None if command is None else re.sub(r" --pairs=\d+", "", command)
+
+
+def _kept_records(stem: str, extra) -> list:
+    """The pair records of an earlier run at ``stem``.json of the same command with other
+    ``--pairs`` (pair p is the same computation in both); [] without one."""
+    settings = _settings(extra)
+    if settings is None or not os.path.exists(stem + ".json"):
+        return []
+    earlier = io_utils.read_json(stem + ".json")
+    return list(earlier.get("pairs", [])) if _settings(earlier) == settings else []
+
+
 def run(pairs: int, data_dir, pair_record, stem: str, table, extra=None) -> list:
     """Runs ``pair_record(pair, splits)`` for every pair on Fashion-MNIST's splits and writes
     ``stem``.json (the records, with ``extra`` entries) and ``stem``.md (``table(records)``),
-    which it also prints; returns the records.
+    which it also prints; returns the records. With ``extra["command"]``, the pairs an
+    earlier run of the same command (other ``--pairs``) wrote at ``stem``.json are reused,
+    so adding a pair computes that pair alone.
 
     Raises:
         ValueError: for fewer than 2 pairs (no standard deviation).
@@ -84,7 +103,10 @@ def run(pairs: int, data_dir, pair_record, stem: str, table, extra=None) -> list
     if pairs < 2:
         raise ValueError("--pairs must be at least 2 for a standard deviation.")
     splits = data.load_task("fashion_mnist", data_dir=data_dir)
-    records = [pair_record(pair, splits) for pair in range(pairs)]
+    records = _kept_records(stem, extra)[:pairs]
+    if records:
+        print(f"Reusing pairs 0-{len(records) - 1} of {stem}.json (the same command).")
+    records += [pair_record(pair, splits) for pair in range(len(records), pairs)]
     io_utils.write_json(stem + ".json", {**(extra or {}), "pairs": records})
     io_utils.write_text(stem + ".md", table(records))
     print(table(records))
