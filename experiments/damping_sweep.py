@@ -43,12 +43,7 @@ def _pair_drops(pair: int, splits: dict) -> dict:
     original = {t: training.dataset_accuracy(originals[t], validation[t]) for t in TASKS}
     drops = {}
     for size in FLAGS.calibration_sizes:
-        calibration = {
-            t: data.to_dataset(
-                data.calibration_subset(own[t]["train"][0], int(size), seed=i), batch_size=500
-            )
-            for i, t in enumerate(TASKS)
-        }
+        calibration = seed_pairs.calibration_sets(own, int(size))
         drops[size] = {}
         for damping in FLAGS.dampings:
             zipped, _ = mtz_tf.zip_models(

@@ -52,18 +52,9 @@ def _pair_drops(pair: int, splits: dict) -> dict:
         1, int(FLAGS.retrain_fraction * min(r["iterations"] for r in trained))
     )
     own = seed_pairs.task_splits(FLAGS.set, splits, FLAGS.data_dir)
-    calibration = {
-        t: data.to_dataset(
-            data.calibration_subset(own[t]["train"][0], FLAGS.calibration_size, seed=i),
-            batch_size=500,
-        )
-        for i, t in enumerate(TASKS)
-    }
+    calibration = seed_pairs.calibration_sets(own, FLAGS.calibration_size)
     validation = {t: data.to_dataset(*own[t]["validation"], batch_size=1000) for t in TASKS}
-    train = {
-        t: data.to_dataset(*own[t]["train"], batch_size=FLAGS.batch_size, shuffle=True, seed=i)
-        for i, t in enumerate(TASKS)
-    }
+    train = seed_pairs.training_sets(own, FLAGS.batch_size)
     original = {t: training.dataset_accuracy(originals[t], validation[t]) for t in TASKS}
     zipped, _ = mtz_tf.zip_models(originals, calibration, share=FLAGS.share, verbose=0)
     record = {

@@ -57,6 +57,25 @@ def task_splits(set_name: str, splits: dict, data_dir) -> dict:
     }
 
 
+def calibration_sets(own: dict, size: int) -> dict:
+    """{task: ``size`` calibration images drawn from its training split (seed: the task's
+    position), in batches of 500}; ``own`` as :func:`task_splits`."""
+    return {
+        t: data.to_dataset(
+            data.calibration_subset(own[t]["train"][0], size, seed=i), batch_size=500
+        )
+        for i, t in enumerate(TASKS)
+    }
+
+
+def training_sets(own: dict, batch_size: int) -> dict:
+    """{task: its training split, shuffled (seed: the task's position), in batches}."""
+    return {
+        t: data.to_dataset(*own[t]["train"], batch_size=batch_size, shuffle=True, seed=i)
+        for i, t in enumerate(TASKS)
+    }
+
+
 def load_pair(model_dir: str, set_name: str, pair: int) -> tuple[dict, list]:
     """``({task: permuted input model}, [each model's training record])`` of pair ``pair``."""
     originals, records = {}, []

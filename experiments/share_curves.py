@@ -63,18 +63,9 @@ def _pair_record(pair: int, splits: dict) -> dict:
     originals, trained = seed_pairs.load_pair(FLAGS.model_dir, FLAGS.set, pair)
     steps = max(1, int(FLAGS.retrain_fraction * min(r["iterations"] for r in trained)))
     own = seed_pairs.task_splits(FLAGS.set, splits, FLAGS.data_dir)
-    calibration = {
-        t: data.to_dataset(
-            data.calibration_subset(own[t]["train"][0], FLAGS.calibration_size, seed=i),
-            batch_size=500,
-        )
-        for i, t in enumerate(TASKS)
-    }
+    calibration = seed_pairs.calibration_sets(own, FLAGS.calibration_size)
     sets = {s: {t: data.to_dataset(*own[t][s], batch_size=1000) for t in TASKS} for s in SPLITS}
-    train = {
-        t: data.to_dataset(*own[t]["train"], batch_size=FLAGS.batch_size, shuffle=True, seed=i)
-        for i, t in enumerate(TASKS)
-    }
+    train = seed_pairs.training_sets(own, FLAGS.batch_size)
     record = {
         "steps": steps,
         "original": {
