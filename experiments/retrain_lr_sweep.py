@@ -133,7 +133,7 @@ def _table(records: list) -> str:
         f"{seed_pairs.mean_std([r['zip before'] for r in records])}.",
         "",
         "| Adam learning rate | control (fine-tuned alone) | zip after retraining | "
-        "zip after, worst task of a pair |",
+        "zip after, worst task of any pair |",
         "|---|---|---|---|",
     ]
     lines += [
